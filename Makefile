@@ -1,0 +1,44 @@
+# Every target installs what it needs first, so `make test` or `make demo` can be the first command typed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+UV := $(BIN)/uv
+STAMP := $(VENV)/.installed
+MLFLOW_URI ?= sqlite:///mlflow.db
+ARGS ?=
+
+.PHONY: install test lint format demo ui clean-outputs
+
+install: $(STAMP)
+
+# torch + torchvision come from the registry (the CUDA build runs on CPU; no CPU torchvision exists), pinned
+# with everything else in requirements.lock; sam2 is an sdist built without CUDA and without build isolation
+# (isolation would pull a second torch into the build env).
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet uv==0.13.8
+	$(UV) pip sync --python $(BIN)/python requirements.lock
+	SAM2_BUILD_CUDA=0 $(UV) pip install --python $(BIN)/python --no-build-isolation --no-deps sam2==1.1.0
+	$(UV) pip install --python $(BIN)/python --no-deps -e .
+	touch $(STAMP)
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+demo: install
+	$(BIN)/desa2va demo $(ARGS)
+
+ui: install
+	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_URI) --host 127.0.0.1 --port 5000
+
+clean-outputs:
+	rm -rf outputs mlruns mlflow.db

@@ -1,0 +1,26 @@
+"""Reference predictions that need no model, to tell what a J&F number is worth.
+
+On the synthetic benchmark (and MeViS) several objects share a clip, and a model that has learned
+to segment objects but not to follow the expression can score well above zero. The union of all
+objects is exactly what such a model would output, so a trained model has only shown that it reads
+the expression when it beats this baseline, per expression type.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+BACKGROUND_ID = 0
+"""Instance id of background pixels in per-frame instance masks."""
+
+
+def union_of_objects(instance_masks: Tensor) -> Tensor:
+    """Every object in the clip as the answer: ``instance_masks > 0``, same shape, bool.
+
+    ``instance_masks`` is ``[B, T, H, W]`` (any leading shape works) of integer instance ids with
+    ``BACKGROUND_ID`` for background.
+    """
+    if instance_masks.dtype == torch.bool or instance_masks.is_floating_point():
+        raise TypeError(f"instance_masks must hold integer ids, got {instance_masks.dtype}")
+    return instance_masks > BACKGROUND_ID

@@ -1,0 +1,179 @@
+"""Compose, validate and save run configs (Hydra compose API on OmegaConf).
+
+The packaged tree ``lightning_desa2va/configs`` has one group per swappable component; experiment YAMLs in
+``experiments/`` are registered as the ``experiment`` group, so ``experiment=desa2va_tiny`` applies one.
+Hydra already rejects overrides of keys that do not exist; :func:`validate_config` adds the two checks
+Hydra cannot make on plain YAML: every key of a ``_target_`` node must be an argument of that target, and
+its value must fit the argument's type hint. Errors name the full key.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydantic
+from hydra import compose, initialize_config_module
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import get_object
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+CONFIG_MODULE = "lightning_desa2va.configs"
+HYDRA_VERSION_BASE = "1.3"
+EXPERIMENT_GROUP = "experiment"
+DEFAULT_EXPERIMENTS_DIR = Path("experiments")
+_HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+
+
+class ConfigError(ValueError):
+    """A config key that is unknown to its component or holds a value of the wrong type."""
+
+
+@dataclass
+class PathsConfig:
+    """Where a run reads data and writes its outputs."""
+
+    data_dir: str = "data/shapes"
+    output_dir: str = "outputs"
+
+
+@dataclass
+class SyntheticShardsConfig:
+    """How many synthetic videos the demo writes when ``paths.data_dir`` has no shards yet."""
+
+    videos: dict[str, int] = field(default_factory=lambda: {"train": 400, "val": 40, "test": 40})
+    seed: int = 0
+    videos_per_shard: int = 100
+    generator: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    """Schema of the top level: unknown top-level keys and mistyped scalars fail at compose time."""
+
+    stage: Any = None
+    model: Any = None
+    decoupler: Any = None
+    text_prompt: Any = None
+    visual_prompt: Any = None
+    fusion: Any = None
+    loss: Any = None
+    data: Any = None
+    trainer: Any = None
+    logger: Any = None
+    synthetic: SyntheticShardsConfig = field(default_factory=lambda: SyntheticShardsConfig())
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = 0
+    resume_from: str | None = None
+
+
+def register_experiments(experiments_dir: Path) -> list[str]:
+    """Register every ``*.yaml`` in ``experiments_dir`` as an option of the ``experiment`` group."""
+    store = ConfigStore.instance()
+    names = []
+    for path in sorted(experiments_dir.glob("*.yaml")):
+        store.store(group=EXPERIMENT_GROUP, name=path.stem, node=OmegaConf.load(path), package="_global_")
+        names.append(path.stem)
+    return names
+
+
+@contextmanager
+def config_module(module: str, version_base: str) -> Iterator[None]:
+    """Hydra initialised on ``module`` for the block, restoring whatever was initialised before.
+
+    ``import sam2`` initialises Hydra on sam2's own configs at import time, so both this project's
+    compose and SAM-2's builder need to borrow the global Hydra state and hand it back.
+    """
+    global_hydra = GlobalHydra.instance()
+    previous = global_hydra.hydra if global_hydra.is_initialized() else None
+    global_hydra.clear()
+    try:
+        with initialize_config_module(module, version_base=version_base):
+            yield
+    finally:
+        if previous is not None:
+            GlobalHydra.instance().initialize(previous)
+
+
+def compose_config(overrides: list[str] | None = None, experiments_dir: Path | None = None) -> DictConfig:
+    """Compose the run config from the packaged defaults, an experiment and Hydra-syntax overrides."""
+    register_experiments(experiments_dir or DEFAULT_EXPERIMENTS_DIR)
+    with config_module(CONFIG_MODULE, HYDRA_VERSION_BASE):
+        cfg = compose(config_name="config", overrides=list(overrides or []))
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check the top level against :class:`RunConfig` and every ``_target_`` node against its target."""
+    top_level = OmegaConf.to_container(cfg, resolve=False)
+    try:
+        OmegaConf.merge(OmegaConf.structured(RunConfig), top_level)
+    except Exception as error:  # OmegaConf raises several error types, all naming the key
+        raise ConfigError(f"invalid run config: {error}") from error
+    _validate_node(cfg, "")
+
+
+def _validate_node(node: Any, path: str) -> None:
+    if isinstance(node, DictConfig):
+        if "_target_" in node:
+            _validate_target_node(node, path)
+        for key in node:
+            _validate_node(node._get_node(key), f"{path}.{key}" if path else str(key))
+    elif isinstance(node, ListConfig):
+        for index, item in enumerate(node._iter_ex(resolve=False)):
+            _validate_node(item, f"{path}[{index}]")
+
+
+def _validate_target_node(node: DictConfig, path: str) -> None:
+    target = node._get_node("_target_")._value()
+    try:
+        obj = get_object(target)
+    except Exception as error:
+        raise ConfigError(f"{path}._target_: cannot import '{target}': {error}") from error
+    function = obj.__init__ if inspect.isclass(obj) else obj
+    parameters = inspect.signature(obj).parameters
+    takes_any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    try:
+        hints = typing.get_type_hints(function)
+    except Exception:  # unresolvable annotations in a third-party target: check names only
+        hints = {}
+    for key in node:
+        if key in _HYDRA_KEYS:
+            continue
+        full_key = f"{path}.{key}" if path else str(key)
+        if key not in parameters:
+            if takes_any_keyword:
+                continue
+            accepted = ", ".join(name for name in parameters if name not in ("self", "args", "kwargs"))
+            raise ConfigError(f"unknown config key '{full_key}': {target} accepts {accepted}")
+        value = OmegaConf.select(node, str(key), throw_on_missing=False)
+        if key in hints and not isinstance(value, DictConfig | ListConfig) and value is not None:
+            _check_type(full_key, value, hints[key])
+
+
+def _check_type(full_key: str, value: Any, hint: Any) -> None:
+    try:
+        adapter = pydantic.TypeAdapter(hint, config=pydantic.ConfigDict(arbitrary_types_allowed=True))
+    except Exception:  # an annotation pydantic cannot model: nothing to check against
+        return
+    try:
+        adapter.validate_python(value)
+    except pydantic.ValidationError as error:
+        expected = getattr(hint, "__name__", str(hint))
+        raise ConfigError(
+            f"config key '{full_key}' has value {value!r} of type {type(value).__name__}, expected {expected}"
+        ) from error
+
+
+def save_config(cfg: DictConfig, path: Path) -> Path:
+    """Write the resolved config next to a run's outputs, so the run can be reproduced from it alone."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return path

@@ -1,0 +1,1 @@
+"""Packaged Hydra config tree: one folder per swappable component (config group)."""

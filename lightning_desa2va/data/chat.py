@@ -1,0 +1,85 @@
+"""Chat prompts in the InternVL layout, tokenized with ``[SEG]`` and the image tokens.
+
+Stage 2 asks ``<image>``×T + "Please segment {expression}." and trains the answer "Sure, [SEG]."
+(plus QA turns about the clip, whose answers also carry the LM loss). Stage 1 asks the same question
+about the ground-truth label without any image. Only assistant tokens are labelled; the rest is -100.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from lightning_desa2va.data.schema import QAPair
+from lightning_desa2va.models.tokenizer import (
+    ASSISTANT_ROLE,
+    IMAGE_CONTEXT_TOKEN,
+    IMAGE_END_TOKEN,
+    IMAGE_START_TOKEN,
+    TURN_END_TOKEN,
+    TURN_START_TOKEN,
+    USER_ROLE,
+)
+
+IGNORE_INDEX = -100
+ASSISTANT_TURN = f"{TURN_START_TOKEN} {ASSISTANT_ROLE}"
+
+
+@dataclass
+class ChatTemplates:
+    """The wording of the prompts (config ``data.chat``)."""
+
+    segment_question: str = "Please segment {expression}."
+    segment_answer: str = "Sure, [SEG]."
+    max_qa_turns: int = 1
+
+
+@dataclass
+class EncodedChat:
+    """Token ids and LM labels (answer tokens only) of one conversation."""
+
+    input_ids: Tensor
+    labels: Tensor
+
+
+class ChatEncoder:
+    """Turns an expression (and QA pairs) into InternVL-style token ids with ``[SEG]`` in the answer."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, templates: ChatTemplates, image_tokens: int):
+        self.tokenizer = tokenizer
+        self.templates = templates
+        self.image_tokens = image_tokens
+
+    def segmentation(self, expression: str, num_frames: int, qa: list[QAPair]) -> EncodedChat:
+        """Frames, the segmentation request and its ``[SEG]`` answer, then up to ``max_qa_turns`` QA turns."""
+        image = IMAGE_START_TOKEN + IMAGE_CONTEXT_TOKEN * self.image_tokens + IMAGE_END_TOKEN
+        turns = [
+            (
+                image * num_frames + self.templates.segment_question.format(expression=expression),
+                self.templates.segment_answer,
+            )
+        ]
+        turns += [(pair.question, pair.answer) for pair in qa[: self.templates.max_qa_turns]]
+        return self._encode(turns)
+
+    def label_prompt(self, label: str) -> EncodedChat:
+        """Stage 1: the segmentation request about a ground-truth label, text only."""
+        return self._encode(
+            [(self.templates.segment_question.format(expression=label), self.templates.segment_answer)]
+        )
+
+    def _encode(self, turns: list[tuple[str, str]]) -> EncodedChat:
+        ids: list[int] = []
+        labels: list[int] = []
+        for question, answer in turns:
+            user = self._ids(f"{TURN_START_TOKEN} {USER_ROLE} {question} {TURN_END_TOKEN} {ASSISTANT_TURN}")
+            reply = self._ids(f"{answer} {TURN_END_TOKEN}")
+            ids += user + reply
+            labels += [IGNORE_INDEX] * len(user) + reply
+        return EncodedChat(input_ids=torch.tensor(ids), labels=torch.tensor(labels))
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]

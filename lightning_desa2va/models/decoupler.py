@@ -1,0 +1,70 @@
+"""Decouplers: map the VLM's ``[SEG]`` hidden state h to a text embedding z_t and a visual embedding z_v.
+
+Config group ``decoupler``: ``none`` is Sa2VA (one MLP, z_t and z_v are the same tensor), ``linear`` is
+DeSa2VA's linear decoupling into two subspaces. Both are built with their input and output widths by the
+model assembler; the YAML holds only their hyperparameters.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+
+@dataclass
+class SegEmbeddings:
+    """The ``[SEG]`` state split for the two prompt paths, each [B, C]."""
+
+    text: Tensor
+    visual: Tensor
+
+
+class Decoupler(nn.Module, ABC):
+    """Base class: ``forward(h)`` gives :class:`SegEmbeddings`; ``orthogonality_penalty`` scores overlap."""
+
+    #: Parameter-name prefixes that only the text path uses (trained alone in text pre-training).
+    text_branch: tuple[str, ...] = ()
+
+    @abstractmethod
+    def forward(self, seg_hidden: Tensor) -> SegEmbeddings: ...
+
+    def orthogonality_penalty(self, embeddings: SegEmbeddings) -> Tensor:
+        """Mean squared cosine between z_t and z_v: 0 when the two subspaces carry unrelated signals."""
+        return F.cosine_similarity(embeddings.text, embeddings.visual, dim=-1).pow(2).mean()
+
+
+class NoDecoupler(Decoupler):
+    """Sa2VA's projection: one MLP h → z shared by both prompt paths (nothing decoupled)."""
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.project = nn.Sequential(
+            nn.Linear(in_dim, in_dim), nn.ReLU(), nn.Linear(in_dim, out_dim), nn.Dropout(dropout)
+        )
+        self.text_branch = ("project",)
+
+    def forward(self, seg_hidden: Tensor) -> SegEmbeddings:
+        z = self.project(seg_hidden)
+        return SegEmbeddings(text=z, visual=z)
+
+    def orthogonality_penalty(self, embeddings: SegEmbeddings) -> Tensor:
+        """One shared embedding has no second subspace to keep apart."""
+        return embeddings.text.new_zeros(())
+
+
+class LinearDecoupler(Decoupler):
+    """DeSa2VA's linear decoupling: two linear maps h → z_t and h → z_v."""
+
+    def __init__(self, in_dim: int, out_dim: int, normalize_input: bool = False) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim) if normalize_input else nn.Identity()
+        self.to_text = nn.Linear(in_dim, out_dim)
+        self.to_visual = nn.Linear(in_dim, out_dim)
+        self.text_branch = ("norm", "to_text")
+
+    def forward(self, seg_hidden: Tensor) -> SegEmbeddings:
+        h = self.norm(seg_hidden)
+        return SegEmbeddings(text=self.to_text(h), visual=self.to_visual(h))

@@ -1,0 +1,144 @@
+"""The VLM: a transformers image-text model whose ``[SEG]`` hidden state prompts SAM-2.
+
+Real runs load an InternVL-class checkpoint from a local ``save_pretrained`` folder; the embedded default
+builds a tiny config of the same class (``InternVLForConditionalGeneration``) with random weights.
+Either way :class:`SegTokenVLM` only reads the last-layer hidden state at the ``[SEG]`` token and the
+language-model loss on the answer tokens, so any ``AutoModelForImageTextToText`` fits.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import (
+    AutoModelForImageTextToText,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+)
+from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+
+from lightning_desa2va.models.tokenizer import IMAGE_CONTEXT_TOKEN, SEG_TOKEN
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VLMOutput:
+    """What the segmentation pipeline needs from one VLM forward pass."""
+
+    seg_hidden: Tensor  # [B, d] last-layer hidden state at the first [SEG] token of each sequence
+    lm_loss: Tensor | None  # next-token loss on the answer tokens, when labels were given
+
+
+class SegTokenVLM(nn.Module):
+    """Wraps a transformers image-text model and reads its ``[SEG]`` hidden state."""
+
+    def __init__(self, model: PreTrainedModel, seg_token_id: int, image_size: int, image_tokens: int) -> None:
+        super().__init__()
+        self.model = model
+        self.seg_token_id = seg_token_id
+        self.image_size = image_size
+        self.image_tokens = image_tokens
+
+    @property
+    def hidden_size(self) -> int:
+        """Width d of the language model's hidden states."""
+        return self.model.config.get_text_config().hidden_size
+
+    @property
+    def language_model(self) -> nn.Module:
+        """The language model inside the VLM: the part LoRA adapts."""
+        return self.model.model.language_model
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        pixel_values: Tensor | None = None,
+        labels: Tensor | None = None,
+    ) -> VLMOutput:
+        """Run the VLM; ``pixel_values`` are [B * T, 3, s, s] frames matching the image tokens."""
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            labels=labels,
+            output_hidden_states=True,
+        )
+        return VLMOutput(seg_hidden=self._seg_states(input_ids, out.hidden_states[-1]), lm_loss=out.loss)
+
+    def _seg_states(self, input_ids: Tensor, hidden: Tensor) -> Tensor:
+        is_seg = input_ids == self.seg_token_id
+        missing = (~is_seg.any(dim=1)).nonzero().flatten().tolist()
+        if missing:
+            raise ValueError(f"sequences {missing} of the batch contain no {SEG_TOKEN} token")
+        first_seg = is_seg.int().argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), first_seg]
+
+
+def build_tiny_internvl(
+    tokenizer: PreTrainedTokenizerBase,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    intermediate_size: int,
+    max_positions: int,
+    vision_hidden_size: int,
+    vision_layers: int,
+    vision_heads: int,
+    vision_intermediate_size: int,
+    image_size: int,
+    patch_size: int,
+    downsample_ratio: float,
+) -> SegTokenVLM:
+    """A randomly initialised InternVL of the real class, sized for CPU runs and tests."""
+    image_tokens = int((image_size // patch_size) ** 2 * downsample_ratio**2)
+    config = InternVLConfig(
+        vision_config=InternVLVisionConfig(
+            hidden_size=vision_hidden_size,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=vision_heads,
+            intermediate_size=vision_intermediate_size,
+            image_size=image_size,
+            patch_size=patch_size,
+        ),
+        text_config=Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads,
+            intermediate_size=intermediate_size,
+            max_position_embeddings=max_positions,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_CONTEXT_TOKEN),
+        image_seq_length=image_tokens,
+        downsample_ratio=downsample_ratio,
+    )
+    model = InternVLForConditionalGeneration(config)
+    return SegTokenVLM(model, tokenizer.convert_tokens_to_ids(SEG_TOKEN), image_size, image_tokens)
+
+
+def load_pretrained_vlm(path: str, tokenizer: PreTrainedTokenizerBase) -> SegTokenVLM:
+    """Load a local ``save_pretrained`` folder, growing the embeddings for tokens the tokenizer added."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no transformers model folder (config.json) at {folder}")
+    model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    vision = model.config.vision_config
+    image_size = vision.image_size[0] if isinstance(vision.image_size, list | tuple) else vision.image_size
+    log.info("loaded VLM %s from %s", type(model).__name__, folder)
+    return SegTokenVLM(
+        model, tokenizer.convert_tokens_to_ids(SEG_TOKEN), image_size, model.config.image_seq_length
+    )

@@ -1,0 +1,140 @@
+"""The jobs behind the CLI: train one stage, evaluate a checkpoint, and the demo (stage 1 → stage 2).
+
+Each training job composes its config, builds its parts, trains with a Lightning ``Trainer``, then
+validates the final model on the val split beside the union-of-objects baseline, all logged to the run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig
+
+from lightning_desa2va.baselines import union_of_objects
+from lightning_desa2va.build import build_components
+from lightning_desa2va.config import compose_config, save_config
+from lightning_desa2va.data.datamodule import VAL, RefVOSDataModule
+from lightning_desa2va.data.shards import split_urls, write_synthetic_benchmark
+from lightning_desa2va.data.synthetic import SyntheticConfig
+from lightning_desa2va.metrics import JFMetric
+from lightning_desa2va.stages.checkpoints import load_model_weights
+from lightning_desa2va.tracking import log_run_config
+
+log = logging.getLogger(__name__)
+
+UNION_BASELINE = "union_baseline"
+
+
+@dataclass
+class StageRun:
+    """What a finished stage leaves behind."""
+
+    stage: str
+    run_id: str | None
+    output_dir: Path
+    checkpoint: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+    baseline: dict[str, float] = field(default_factory=dict)
+
+
+def ensure_synthetic_shards(cfg: DictConfig) -> Path:
+    """Write the synthetic benchmark into ``paths.data_dir`` unless its shards are already there."""
+    data_dir = Path(cfg.paths.data_dir)
+    try:
+        for split in cfg.synthetic.videos:
+            split_urls(data_dir, split)
+        log.info("using the synthetic shards in %s", data_dir)
+    except FileNotFoundError:
+        write_synthetic_benchmark(
+            data_dir,
+            SyntheticConfig(**cfg.synthetic.generator),
+            dict(cfg.synthetic.videos),
+            seed=cfg.synthetic.seed,
+            max_videos_per_shard=cfg.synthetic.videos_per_shard,
+        )
+    return data_dir
+
+
+def train_stage(cfg: DictConfig) -> StageRun:
+    """Train the configured stage, then score its final model and the union baseline on val."""
+    parts = build_components(cfg)
+    logger: Logger | bool = instantiate(cfg.logger) if cfg.logger is not None else False
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger)
+    output_dir = run_output_dir(trainer)
+    log_run_config(trainer.logger, cfg, save_config(cfg, output_dir / "config.yaml"))
+    trainer.fit(parts.stage, datamodule=parts.datamodule, ckpt_path=cfg.resume_from)
+    metrics = _without_prefix(trainer.validate(parts.stage, parts.datamodule)[0], f"{VAL}/")
+    baseline = score_union_baseline(parts.datamodule, trainer.logger)
+    checkpoint = Path(trainer.checkpoint_callback.last_model_path)
+    return StageRun(
+        stage=type(parts.stage).__name__,
+        run_id=getattr(trainer.logger, "run_id", None),
+        output_dir=output_dir,
+        checkpoint=checkpoint,
+        metrics=metrics,
+        baseline=baseline,
+    )
+
+
+def evaluate_checkpoint(
+    cfg: DictConfig, checkpoint: Path, split: str
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Score a stage checkpoint on ``split`` (the configured stage decides which masks are scored)."""
+    parts = build_components(cfg)
+    load_model_weights(parts.model, checkpoint)
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=False)
+    run = trainer.validate if split == VAL else trainer.test
+    scores = _without_prefix(run(parts.stage, parts.datamodule)[0], f"{split}/")
+    loader = parts.datamodule.val_dataloader() if split == VAL else parts.datamodule.test_dataloader()
+    return scores, union_baseline_scores(loader)
+
+
+def _without_prefix(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    return {name.removeprefix(prefix): float(value) for name, value in metrics.items()}
+
+
+def run_output_dir(trainer: pl.Trainer) -> Path:
+    """The run's own folder (``<root>/<experiment>/<run>``), where its checkpoints also go."""
+    logger = trainer.logger
+    if logger is None:
+        return Path(trainer.default_root_dir)
+    root = Path(logger.save_dir or trainer.default_root_dir)
+    path = root / str(logger.name) / str(logger.version)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def union_baseline_scores(loader: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """J&F of the union-of-objects prediction over every batch of ``loader``."""
+    metric = JFMetric()
+    for batch in loader:
+        metric.update(
+            union_of_objects(batch["instance_masks"]), batch["target_masks"], batch["expression_type"]
+        )
+    return metric.compute()
+
+
+def score_union_baseline(datamodule: RefVOSDataModule, logger: Logger | None) -> dict[str, float]:
+    """J&F on val of predicting every object of the clip: what segmenting without referring gets."""
+    scores = union_baseline_scores(datamodule.val_dataloader())
+    if logger is not None:
+        logger.log_metrics({f"{VAL}/{UNION_BASELINE}/{name}": value for name, value in scores.items()})
+    return scores
+
+
+def run_demo(overrides: list[str], experiments_dir: Path | None = None) -> tuple[StageRun, StageRun]:
+    """The main job: shards if missing, stage 1, stage 2 from stage 1's checkpoint, both scored on val."""
+    text_cfg = compose_config(["stage=text_pretrain", *overrides], experiments_dir)
+    ensure_synthetic_shards(text_cfg)
+    text_run = train_stage(text_cfg)
+    finetune_cfg = compose_config(
+        ["stage=decoupled_finetune", f"stage.init_from={text_run.checkpoint}", *overrides], experiments_dir
+    )
+    return text_run, train_stage(finetune_cfg)

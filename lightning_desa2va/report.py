@@ -1,0 +1,29 @@
+"""The summary people read at the end of a run: J&F overall and per expression type, beside the baseline."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from lightning_desa2va.data.schema import EXPRESSION_TYPES
+
+COLUMNS = ("JF", *(f"JF/{kind}" for kind in EXPRESSION_TYPES), "J", "F")
+
+
+def summary_table(title: str, rows: dict[str, dict[str, float]]) -> Table:
+    """One row per model (or baseline), J&F overall / static / motion / mixed, J and F."""
+    table = Table(title=title)
+    table.add_column("model")
+    for column in COLUMNS:
+        table.add_column(column.replace("JF", "J&F"), justify="right")
+    for name, scores in rows.items():
+        table.add_row(name, *(f"{scores[c]:.3f}" if c in scores else "-" for c in COLUMNS))
+    return table
+
+
+def print_summary(title: str, rows: dict[str, dict[str, float]], footer: list[str]) -> None:
+    """Render the summary table and the lines after it (where the runs are) on the terminal."""
+    console = Console()
+    console.print(summary_table(title, rows))
+    for line in footer:
+        console.print(line)

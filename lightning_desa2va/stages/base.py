@@ -1,0 +1,132 @@
+"""What every stage shares: which modules train, the optimizer, and J&F evaluation with overlays.
+
+A stage subclass says how a batch becomes a loss (``training_step``) and mask logits
+(``predict_logits``); validation and test then measure J, F and J&F per expression type with the same
+:class:`~lightning_desa2va.metrics.JFMetric`, and save overlays of a few clips for people to look at.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from abc import abstractmethod
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from lightning_desa2va.metrics import JFMetric
+from lightning_desa2va.models.desa2va import DeSa2VA
+from lightning_desa2va.tracking import log_artifacts
+from lightning_desa2va.visualize import OverlayItem, save_overlays
+
+log = logging.getLogger(__name__)
+
+Optimizer = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss: stopping beats training on garbage."""
+
+
+class SegmentationStage(pl.LightningModule):
+    """Base LightningModule of a training stage of :class:`DeSa2VA`."""
+
+    def __init__(
+        self, model: DeSa2VA, optimizer: Optimizer, train_modules: list[str], num_overlays: int
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.optimizer_factory = optimizer
+        self.train_modules = train_modules
+        self.num_overlays = num_overlays
+        self.val_jf = JFMetric()
+        self.test_jf = JFMetric()
+        self._overlays: list[OverlayItem] = []
+
+    def select_trainable(self, extra: Iterable[str] = ()) -> None:
+        """Freeze everything, then unfreeze the configured submodules and parameters named in ``extra``."""
+        self.model.requires_grad_(False)
+        for name in self.train_modules:
+            try:
+                self.model.get_submodule(name).requires_grad_(True)
+            except AttributeError as error:
+                raise ValueError(
+                    f"stage.train_modules names '{name}', which the model does not have"
+                ) from error
+        for name, parameter in self.model.named_parameters():
+            if any(part in name for part in extra):
+                parameter.requires_grad_(True)
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        log.info("%s trains %d of %d parameters", type(self).__name__, trainable, self.model_size)
+
+    @property
+    def model_size(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
+
+    @abstractmethod
+    def predict_logits(self, batch: dict[str, Any]) -> Tensor:
+        """The stage's output mask logits [B, T, H, W] for a batch."""
+
+    def check_finite(self, loss: Tensor, batch: dict[str, Any]) -> Tensor:
+        """Raise on a NaN/inf loss, naming the step and the clips of the batch."""
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at step {self.global_step} on videos {batch['video_id']}"
+            )
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_jf)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_jf)
+
+    def _evaluate(self, batch: dict[str, Any], metric: JFMetric) -> None:
+        predicted = self.predict_logits(batch) > 0
+        metric.update(predicted, batch["target_masks"], batch["expression_type"])
+        for index in range(len(batch["expression"])):
+            if len(self._overlays) >= self.num_overlays:
+                break
+            self._overlays.append(
+                OverlayItem(
+                    frames=self._unnormalise(batch["frames"][index].cpu()),
+                    pred=predicted[index].cpu(),
+                    gt=batch["target_masks"][index].cpu(),
+                    title=batch["expression"][index],
+                    name=f"{batch['video_id'][index]}_{batch['expression'][index]}",
+                )
+            )
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_results(self.val_jf, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_results(self.test_jf, "test")
+
+    def _log_results(self, metric: JFMetric, split: str) -> None:
+        results = metric.compute()
+        metric.reset()
+        self.log_dict({f"{split}/{name}": value for name, value in results.items()}, sync_dist=True)
+        overlays, self._overlays = self._overlays, []
+        if self.trainer.sanity_checking or not overlays:
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            paths = save_overlays(overlays, Path(folder))
+            log_artifacts(
+                self.logger,
+                paths,
+                f"overlays/{split}-step{self.global_step:06d}",
+                fallback_dir=Path(self.trainer.default_root_dir),
+            )
+
+    def _unnormalise(self, frames: Tensor) -> Tensor:
+        """Frames back in [0, 1] for people to look at."""
+        encoder = self.trainer.datamodule.eval_encoder
+        return (frames * encoder.pixel_std[0] + encoder.pixel_mean[0]).clamp(0, 1)

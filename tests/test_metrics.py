@@ -1,0 +1,233 @@
+"""J and F against a plain numpy/scipy reference of the DAVIS definitions, and JFMetric aggregation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from lightning_desa2va.metrics import (
+    EXPRESSION_TYPES,
+    JFMetric,
+    boundary_f_measure,
+    boundary_map,
+    region_similarity,
+)
+
+# --- reference: the DAVIS definitions written pixel by pixel ---------------------------------------
+
+
+def ref_iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    union = np.logical_or(pred, gt).sum()
+    if union == 0:
+        return 1.0
+    return float(np.logical_and(pred, gt).sum() / union)
+
+
+def ref_bmap(seg: np.ndarray) -> np.ndarray:
+    """Boundary: differs from the right, lower or lower-right neighbour (only those inside the image;
+    last row compares right only, last column below only, bottom-right corner never)."""
+    h, w = seg.shape
+    out = np.zeros_like(seg, dtype=bool)
+    for i in range(h):
+        for j in range(w):
+            if i < h - 1 and j < w - 1:
+                neighbours = [seg[i, j + 1], seg[i + 1, j], seg[i + 1, j + 1]]
+            elif i == h - 1 and j < w - 1:
+                neighbours = [seg[i, j + 1]]
+            elif j == w - 1 and i < h - 1:
+                neighbours = [seg[i + 1, j]]
+            else:
+                neighbours = []
+            out[i, j] = any(n != seg[i, j] for n in neighbours)
+    return out
+
+
+def ref_f(pred: np.ndarray, gt: np.ndarray, bound_th: float = 0.008) -> float:
+    bound_pix = bound_th if bound_th >= 1 else math.ceil(bound_th * np.linalg.norm(pred.shape))
+    r = int(bound_pix)
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    disk = xx**2 + yy**2 <= r**2
+    pb, gb = ref_bmap(pred), ref_bmap(gt)
+    p_dil = ndimage.binary_dilation(pb, structure=disk)
+    g_dil = ndimage.binary_dilation(gb, structure=disk)
+    n_p, n_g = pb.sum(), gb.sum()
+    if n_p == 0 and n_g > 0:
+        precision, recall = 1.0, 0.0
+    elif n_p > 0 and n_g == 0:
+        precision, recall = 0.0, 1.0
+    elif n_p == 0 and n_g == 0:
+        precision, recall = 1.0, 1.0
+    else:
+        precision = (pb & g_dil).sum() / n_p
+        recall = (gb & p_dil).sum() / n_g
+    if precision + recall == 0:
+        return 0.0
+    return float(2 * precision * recall / (precision + recall))
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+def rect(h: int, w: int, top: int, left: int, height: int, width: int) -> torch.Tensor:
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    mask[top : top + height, left : left + width] = True
+    return mask
+
+
+def random_masks(rng: np.random.Generator, n: int, h: int, w: int) -> np.ndarray:
+    """Blobby masks (smoothed noise) plus a few salt-and-pepper ones, and the empty mask."""
+    masks = []
+    for k in range(n):
+        noise = rng.random((h, w))
+        if k % 3:
+            noise = ndimage.gaussian_filter(noise, sigma=rng.uniform(1, 4))
+        masks.append(noise > np.quantile(noise, rng.uniform(0.3, 0.9)))
+    masks.append(np.zeros((h, w), dtype=bool))
+    return np.stack(masks)
+
+
+# --- J ---------------------------------------------------------------------------------------------
+
+
+def test_j_identical_disjoint_partial_and_empty() -> None:
+    a = rect(8, 8, 0, 0, 4, 4)
+    b = rect(8, 8, 4, 4, 4, 4)
+    c = rect(8, 8, 2, 0, 4, 4)  # overlaps a on 2x4 = 8 pixels; union 24
+    empty = torch.zeros(8, 8, dtype=torch.bool)
+    pred = torch.stack([a, a, c, empty, empty])
+    gt = torch.stack([a, b, a, empty, a])
+    j = region_similarity(pred, gt)
+    torch.testing.assert_close(j, torch.tensor([1.0, 0.0, 1 / 3, 1.0, 0.0]))
+
+
+def test_j_matches_reference_on_random_masks() -> None:
+    rng = np.random.default_rng(0)
+    pred, gt = random_masks(rng, 8, 23, 31), random_masks(rng, 8, 23, 31)
+    got = region_similarity(torch.from_numpy(pred), torch.from_numpy(gt))
+    expected = torch.tensor([ref_iou(p, g) for p, g in zip(pred, gt, strict=True)], dtype=torch.float32)
+    torch.testing.assert_close(got, expected)
+
+
+def test_inputs_are_checked() -> None:
+    a = rect(4, 4, 0, 0, 2, 2)
+    with pytest.raises(TypeError):
+        region_similarity(a.float(), a)
+    with pytest.raises(ValueError, match="shapes differ"):
+        boundary_f_measure(a, a[:3])
+
+
+# --- F ---------------------------------------------------------------------------------------------
+
+
+def test_boundary_map_matches_reference() -> None:
+    rng = np.random.default_rng(1)
+    masks = random_masks(rng, 6, 13, 17)
+    got = boundary_map(torch.from_numpy(masks)).numpy()
+    for m, g in zip(masks, got, strict=True):
+        np.testing.assert_array_equal(g, ref_bmap(m))
+
+
+@pytest.mark.parametrize("bound_th", [0.008, 0.05, 2.0])
+def test_f_matches_reference_on_random_masks(bound_th: float) -> None:
+    rng = np.random.default_rng(2)
+    pred, gt = random_masks(rng, 8, 29, 41), random_masks(rng, 8, 29, 41)
+    # add near-misses so the tolerance matters: gt shifted by one pixel
+    pred = np.concatenate([pred, np.roll(gt[:4], 1, axis=-1)])
+    gt = np.concatenate([gt, gt[:4]])
+    got = boundary_f_measure(torch.from_numpy(pred), torch.from_numpy(gt), bound_th=bound_th)
+    expected = [ref_f(p, g, bound_th) for p, g in zip(pred, gt, strict=True)]
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float32))
+
+
+def test_f_matches_reference_for_small_objects_in_large_frames() -> None:
+    """Objects in different corners per frame, one frame empty: the per-frame crops must not matter."""
+    h, w = 60, 90
+    pred = torch.stack(
+        [rect(h, w, 0, 0, 5, 7), rect(h, w, 50, 80, 10, 10), rect(h, w, 20, 30, 3, 3), rect(h, w, 0, 0, 0, 0)]
+    )
+    gt = torch.stack(
+        [rect(h, w, 1, 1, 5, 6), rect(h, w, 49, 78, 11, 12), rect(h, w, 40, 60, 4, 4), rect(h, w, 0, 0, 0, 0)]
+    )
+    for bound_th in (0.008, 3.0):
+        got = boundary_f_measure(pred, gt, bound_th=bound_th)
+        expected = [ref_f(p.numpy(), g.numpy(), bound_th) for p, g in zip(pred, gt, strict=True)]
+        torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float32))
+
+
+def test_f_tolerates_shifts_within_tolerance_only() -> None:
+    gt = rect(40, 40, 10, 10, 20, 20)
+    one = rect(40, 40, 10, 11, 20, 20)
+    three = rect(40, 40, 10, 13, 20, 20)
+    far = rect(40, 40, 15, 18, 20, 20)
+    pred, target = torch.stack([gt, one, three, far]), gt.expand(4, 40, 40)
+    f1 = boundary_f_measure(pred, target, bound_th=1.0)
+    assert f1[0] == 1.0 and f1[1] == 1.0
+    assert f1[2] < 0.95 and f1[3] < 0.5
+    f3 = boundary_f_measure(pred, target, bound_th=3.0)
+    assert f3[2] == 1.0 and f3[3] < 0.75
+    # the default fraction of the diagonal: 40 * sqrt(2) * 0.008 = 0.45 -> 1 pixel
+    torch.testing.assert_close(boundary_f_measure(pred, target), f1)
+
+
+def test_f_degenerate_cases() -> None:
+    empty = torch.zeros(10, 10, dtype=torch.bool)
+    square = rect(10, 10, 2, 2, 5, 5)
+    f = boundary_f_measure(torch.stack([empty, empty, square]), torch.stack([empty, square, empty]))
+    torch.testing.assert_close(f, torch.tensor([1.0, 0.0, 0.0]))
+
+
+# --- JFMetric ----------------------------------------------------------------------------------------
+
+
+def test_jf_metric_per_type_aggregation() -> None:
+    h = w = 32
+    obj = rect(h, w, 4, 4, 8, 8)
+    far = rect(h, w, 20, 20, 8, 8)  # > 1 pixel tolerance from obj: J = 0, F = 0
+    empty = torch.zeros(h, w, dtype=torch.bool)
+    gt = torch.stack([torch.stack([obj, obj])] * 3)
+    pred = torch.stack(
+        [
+            torch.stack([obj, obj]),  # static: J = F = 1
+            torch.stack([empty, empty]),  # motion: J = F = 0
+            torch.stack([obj, far]),  # motion: J = F = 0.5
+        ]
+    )
+    metric = JFMetric()
+    metric.update(pred[:2], gt[:2], ["static", "motion"])
+    metric.update(pred[2:], gt[2:], ["motion"])
+    result = metric.compute()
+    expected = {
+        "J": 0.5,
+        "F": 0.5,
+        "JF": 0.5,
+        "J/static": 1.0,
+        "F/static": 1.0,
+        "JF/static": 1.0,
+        "J/motion": 0.25,
+        "F/motion": 0.25,
+        "JF/motion": 0.25,
+    }
+    assert set(result) == set(expected)  # no "mixed" keys: no mixed expressions seen
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value), key
+    assert all(isinstance(v, float) and not math.isnan(v) for v in result.values())
+
+    metric.reset()
+    with pytest.warns(UserWarning, match="before the ``update``"):
+        assert metric.compute() == {}
+
+
+def test_jf_metric_rejects_bad_input() -> None:
+    masks = torch.zeros(2, 3, 8, 8, dtype=torch.bool)
+    metric = JFMetric()
+    with pytest.raises(ValueError, match="'funny'"):
+        metric.update(masks, masks, ["static", "funny"])
+    with pytest.raises(ValueError, match="expression types"):
+        metric.update(masks, masks, ["static"])
+    with pytest.raises(ValueError, match=r"\[B, T, H, W\]"):
+        metric.update(masks[0], masks[0], ["static", "motion", "mixed"])
+    assert EXPRESSION_TYPES == ("static", "motion", "mixed")
