@@ -62,9 +62,7 @@ def _train(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     cfg = compose_config(args.overrides, args.experiments_dir)
     scores, baseline = evaluate_checkpoint(cfg, args.checkpoint, args.split)
-    print_summary(
-        f"{args.checkpoint} on {args.split}", {"model": scores, "union of objects (baseline)": baseline}, []
-    )
+    print_summary(f"{args.checkpoint} on {args.split}", {"model": scores, "union of objects": baseline}, [])
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -77,8 +75,8 @@ def _shards_synthetic(args: argparse.Namespace) -> None:
 
 
 def _print_runs(runs: list[StageRun]) -> None:
-    rows = {f"{run.stage} (val)": run.metrics for run in runs}
-    rows["union of objects (baseline)"] = runs[-1].baseline
-    footer = [f"{run.stage}: MLflow run {run.run_id}, outputs in {run.output_dir}" for run in runs]
+    rows = {run.label: run.metrics for run in runs}
+    rows["union of objects"] = runs[-1].baseline
+    footer = [f"{run.label}: MLflow run {run.run_id}, outputs in {run.output_dir}" for run in runs]
     footer.append("Browse the runs with `make ui` (MLflow UI on http://127.0.0.1:5000).")
     print_summary("J&F on val", rows, footer)

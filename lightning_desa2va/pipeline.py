@@ -36,7 +36,7 @@ UNION_BASELINE = "union_baseline"
 class StageRun:
     """What a finished stage leaves behind."""
 
-    stage: str
+    label: str  # e.g. "stage 2 (fused mask)"
     run_id: str | None
     output_dir: Path
     checkpoint: Path
@@ -70,11 +70,16 @@ def train_stage(cfg: DictConfig) -> StageRun:
     output_dir = run_output_dir(trainer)
     log_run_config(trainer.logger, cfg, save_config(cfg, output_dir / "config.yaml"))
     trainer.fit(parts.stage, datamodule=parts.datamodule, ckpt_path=cfg.resume_from)
-    metrics = _without_prefix(trainer.validate(parts.stage, parts.datamodule)[0], f"{VAL}/")
+    if parts.stage.last_validated_step != trainer.global_step:
+        trainer.validate(parts.stage, parts.datamodule)
+    metrics = _without_prefix(
+        {name: value for name, value in trainer.callback_metrics.items() if name.startswith(f"{VAL}/")},
+        f"{VAL}/",
+    )
     baseline = score_union_baseline(parts.datamodule, trainer.logger)
-    checkpoint = Path(trainer.checkpoint_callback.last_model_path)
+    checkpoint = Path(trainer.checkpoint_callback.last_model_path).resolve()
     return StageRun(
-        stage=type(parts.stage).__name__,
+        label=parts.stage.label,
         run_id=getattr(trainer.logger, "run_id", None),
         output_dir=output_dir,
         checkpoint=checkpoint,
@@ -108,7 +113,7 @@ def run_output_dir(trainer: pl.Trainer) -> Path:
     root = Path(logger.save_dir or trainer.default_root_dir)
     path = root / str(logger.name) / str(logger.version)
     path.mkdir(parents=True, exist_ok=True)
-    return path
+    return path.resolve()
 
 
 def union_baseline_scores(loader: Iterable[dict[str, Any]]) -> dict[str, float]:

@@ -7,15 +7,15 @@ from rich.table import Table
 
 from lightning_desa2va.data.schema import EXPRESSION_TYPES
 
-COLUMNS = ("JF", *(f"JF/{kind}" for kind in EXPRESSION_TYPES), "J", "F")
+COLUMNS = {"JF": "J&F", **{f"JF/{kind}": f"J&F {kind}" for kind in EXPRESSION_TYPES}, "J": "J", "F": "F"}
 
 
 def summary_table(title: str, rows: dict[str, dict[str, float]]) -> Table:
     """One row per model (or baseline), J&F overall / static / motion / mixed, J and F."""
     table = Table(title=title)
-    table.add_column("model")
-    for column in COLUMNS:
-        table.add_column(column.replace("JF", "J&F"), justify="right")
+    table.add_column("model", no_wrap=True)
+    for header in COLUMNS.values():
+        table.add_column(header, justify="right")
     for name, scores in rows.items():
         table.add_row(name, *(f"{scores[c]:.3f}" if c in scores else "-" for c in COLUMNS))
     return table

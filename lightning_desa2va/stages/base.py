@@ -35,6 +35,9 @@ class NonFiniteLossError(RuntimeError):
 class SegmentationStage(pl.LightningModule):
     """Base LightningModule of a training stage of :class:`DeSa2VA`."""
 
+    #: How summaries name this stage's output masks.
+    label: str = "model"
+
     def __init__(
         self, model: DeSa2VA, optimizer: Optimizer, train_modules: list[str], num_overlays: int
     ) -> None:
@@ -46,6 +49,7 @@ class SegmentationStage(pl.LightningModule):
         self.val_jf = JFMetric()
         self.test_jf = JFMetric()
         self._overlays: list[OverlayItem] = []
+        self.last_validated_step: int | None = None
 
     def select_trainable(self, extra: Iterable[str] = ()) -> None:
         """Freeze everything, then unfreeze the configured submodules and parameters named in ``extra``."""
@@ -106,6 +110,7 @@ class SegmentationStage(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_results(self.val_jf, "val")
+        self.last_validated_step = self.global_step
 
     def on_test_epoch_end(self) -> None:
         self._log_results(self.test_jf, "test")

@@ -29,6 +29,8 @@ LORA_PARAMETER_TAG = "lora_"
 class DecoupledFinetuneStage(SegmentationStage):
     """Expression + frames → decoupled [SEG] → text, visual and fused masks; triple supervision."""
 
+    label = "stage 2 (fused mask)"
+
     def __init__(
         self,
         model: DeSa2VA,

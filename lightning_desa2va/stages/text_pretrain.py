@@ -19,6 +19,8 @@ from lightning_desa2va.stages.base import Optimizer, SegmentationStage
 class TextPretrainStage(SegmentationStage):
     """Label text → point prompts → SAM-2 → text mask; hybrid mask loss."""
 
+    label = "stage 1 (text mask)"
+
     def __init__(
         self,
         model: DeSa2VA,

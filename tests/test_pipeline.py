@@ -1,0 +1,111 @@
+"""End to end: the demo pipeline on a tiny benchmark, read back from the MLflow store it wrote."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+from PIL import Image
+
+from lightning_desa2va.pipeline import run_demo
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
+TINY_RUN = [
+    "experiment=desa2va_tiny",
+    "synthetic.videos={train:6,val:2,test:2}",
+    "synthetic.videos_per_shard=3",
+    "trainer.max_steps=3",
+    "trainer.val_check_interval=3",
+    "trainer.log_every_n_steps=1",
+    "data.batch_size=2",
+    "data.eval_batch_size=4",
+    "data.num_workers=0",
+    "data.shuffle_buffer=4",
+    "stage.num_overlays=2",
+    "loss.w_t=0.25",
+]
+
+
+@pytest.fixture(scope="module")
+def demo_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, tuple]:
+    """Run the demo once in a scratch folder (default relative paths: data/, outputs/, mlruns/)."""
+    root = tmp_path_factory.mktemp("demo")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        runs = run_demo(TINY_RUN, EXPERIMENTS_DIR)
+    return root, runs
+
+
+def _client(root: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+
+
+def _mlflow_runs(root: Path) -> dict:
+    client = _client(root)
+    experiment = client.get_experiment_by_name("desa2va")
+    return {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
+
+
+def _artifact_files(client: MlflowClient, run_id: str, path: str | None = None) -> list[str]:
+    files = []
+    for item in client.list_artifacts(run_id, path):
+        files += _artifact_files(client, run_id, item.path) if item.is_dir else [item.path]
+    return files
+
+
+def test_demo_writes_shards_and_returns_both_stages_with_baseline(demo_store):
+    root, (text_run, finetune_run) = demo_store
+    assert sorted(p.name for p in (root / "data" / "shapes").glob("*.tar")) == [
+        "test-000000.tar",
+        "train-000000.tar",
+        "train-000001.tar",
+        "val-000000.tar",
+    ]
+    for run in (text_run, finetune_run):
+        assert 0.0 <= run.metrics["JF"] <= 1.0
+        assert run.checkpoint.is_file()
+    assert 0.0 < finetune_run.baseline["JF"] <= 1.0
+
+
+def test_mlflow_holds_one_finished_run_per_stage_with_params_and_metrics(demo_store):
+    root, _ = demo_store
+    runs = _mlflow_runs(root)
+    assert set(runs) == {"text_pretrain", "decoupled_finetune"}
+    finetune = runs["decoupled_finetune"]
+    assert finetune.info.status == "FINISHED"
+    params = finetune.data.params
+    assert params["decoupler/_target_"] == "lightning_desa2va.models.decoupler.LinearDecoupler"
+    assert params["fusion/_target_"] == "lightning_desa2va.models.fusion.DynamicFusion"
+    assert float(params["loss/w_t"]) == 0.25
+    for run in runs.values():
+        for name in ("train/loss", "val/JF", "val/J", "val/F", "val/union_baseline/JF"):
+            assert name in run.data.metrics, f"{run.info.run_name} lacks {name}"
+        assert len(_client(root).get_metric_history(run.info.run_id, "train/loss")) >= 1
+
+
+def test_mlflow_artifacts_hold_config_checkpoint_and_overlays(demo_store, tmp_path):
+    root, (text_run, _) = demo_store
+    client = _client(root)
+    for name, run in _mlflow_runs(root).items():
+        files = _artifact_files(client, run.info.run_id)
+        config_file = client.download_artifacts(run.info.run_id, "config/config.yaml", str(tmp_path / name))
+        config = OmegaConf.load(config_file)
+        assert config.logger.run_name == name
+
+        checkpoints = [f for f in files if f.endswith(".ckpt")]
+        assert checkpoints, f"{name} logged no checkpoint: {files}"
+        local = client.download_artifacts(run.info.run_id, checkpoints[0], str(tmp_path / name))
+        state = torch.load(local, map_location="cpu", weights_only=True)["state_dict"]
+        assert any(key.startswith("model.sam.sam_mask_decoder.") for key in state)
+
+        overlays = [f for f in files if f.startswith("overlays/") and f.endswith(".png")]
+        assert overlays, f"{name} logged no overlay: {files}"
+        image = Image.open(client.download_artifacts(run.info.run_id, overlays[0], str(tmp_path / name)))
+        assert image.width > image.height > 0
+
+        if name == "decoupled_finetune":
+            assert config.stage.init_from == str(text_run.checkpoint)
