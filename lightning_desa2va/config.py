@@ -154,8 +154,20 @@ def _validate_target_node(node: DictConfig, path: str) -> None:
             accepted = ", ".join(name for name in parameters if name not in ("self", "args", "kwargs"))
             raise ConfigError(f"unknown config key '{full_key}': {target} accepts {accepted}")
         value = OmegaConf.select(node, str(key), throw_on_missing=False)
-        if key in hints and not isinstance(value, DictConfig | ListConfig) and value is not None:
-            _check_type(full_key, value, hints[key])
+        if key not in hints or value is None or _holds_target(value):
+            continue
+        if isinstance(value, DictConfig | ListConfig):
+            value = OmegaConf.to_container(value, resolve=True)
+        _check_type(full_key, value, hints[key])
+
+
+def _holds_target(value: Any) -> bool:
+    """Whether a value is, or contains, a node that Hydra will instantiate (checked on its own)."""
+    if isinstance(value, DictConfig):
+        return "_target_" in value or any(_holds_target(value._get_node(key)) for key in value)
+    if isinstance(value, ListConfig):
+        return any(_holds_target(item) for item in value._iter_ex(resolve=False))
+    return False
 
 
 def _check_type(full_key: str, value: Any, hint: Any) -> None:

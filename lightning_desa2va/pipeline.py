@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from lightning_desa2va.baselines import union_of_objects
 from lightning_desa2va.build import build_components
 from lightning_desa2va.config import compose_config, save_config
-from lightning_desa2va.data.datamodule import VAL, RefVOSDataModule
+from lightning_desa2va.data.datamodule import TRAIN, VAL, RefVOSDataModule
 from lightning_desa2va.data.shards import split_urls, write_synthetic_benchmark
 from lightning_desa2va.data.synthetic import SyntheticConfig
 from lightning_desa2va.metrics import JFMetric
@@ -65,6 +65,7 @@ def ensure_synthetic_shards(cfg: DictConfig) -> Path:
 def train_stage(cfg: DictConfig) -> StageRun:
     """Train the configured stage, then score its final model and the union baseline on val."""
     parts = build_components(cfg)
+    parts.datamodule.require_splits(TRAIN, VAL)
     logger: Logger | bool = instantiate(cfg.logger) if cfg.logger is not None else False
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger)
     output_dir = run_output_dir(trainer)

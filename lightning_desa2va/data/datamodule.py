@@ -158,6 +158,11 @@ class RefVOSDataModule(pl.LightningDataModule):
         self.train_encoder = ClipEncoder(chat_encoder, num_frames, **sizes, **normalisation)
         self.eval_encoder = ClipEncoder(chat_encoder, None, **sizes, **normalisation)
 
+    def require_splits(self, *splits: str) -> None:
+        """Fail before any training starts when a split has no shards (the error names dir and split)."""
+        for split in splits:
+            split_urls(self.data_dir, split)
+
     def dataset(self, split: str) -> wds.WebDataset:
         """The WebDataset pipeline of one split: shards → videos → (video, expression) → tensors."""
         training = split == TRAIN

@@ -25,9 +25,6 @@ class SegEmbeddings:
 class Decoupler(nn.Module, ABC):
     """Base class: ``forward(h)`` gives :class:`SegEmbeddings`; ``orthogonality_penalty`` scores overlap."""
 
-    #: Parameter-name prefixes that only the text path uses (trained alone in text pre-training).
-    text_branch: tuple[str, ...] = ()
-
     @abstractmethod
     def forward(self, seg_hidden: Tensor) -> SegEmbeddings: ...
 
@@ -44,7 +41,6 @@ class NoDecoupler(Decoupler):
         self.project = nn.Sequential(
             nn.Linear(in_dim, in_dim), nn.ReLU(), nn.Linear(in_dim, out_dim), nn.Dropout(dropout)
         )
-        self.text_branch = ("project",)
 
     def forward(self, seg_hidden: Tensor) -> SegEmbeddings:
         z = self.project(seg_hidden)
@@ -63,7 +59,6 @@ class LinearDecoupler(Decoupler):
         self.norm = nn.LayerNorm(in_dim) if normalize_input else nn.Identity()
         self.to_text = nn.Linear(in_dim, out_dim)
         self.to_visual = nn.Linear(in_dim, out_dim)
-        self.text_branch = ("norm", "to_text")
 
     def forward(self, seg_hidden: Tensor) -> SegEmbeddings:
         h = self.norm(seg_hidden)

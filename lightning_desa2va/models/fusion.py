@@ -34,6 +34,10 @@ class Fusion(nn.Module, ABC):
 class VisualFusion(Fusion):
     """Keep the visual mask: no fusion (Sa2VA, or an ablation of the text path)."""
 
+    def __init__(self, embed_dim: int) -> None:
+        """``embed_dim`` is accepted like every fusion's; keeping M_v needs no weights."""
+        super().__init__()
+
     def forward(self, text_logits: Tensor, visual_logits: Tensor, embeddings: SegEmbeddings) -> FusedMask:
         return FusedMask(logits=visual_logits)
 

@@ -1,0 +1,111 @@
+"""Shared fixtures: composed configs, the tiny tokenizer and model, and hand-made clip batches.
+
+Heavy imports (the model stack pulls in transformers, SAM-2 and Lightning) happen inside the fixtures, so
+test modules that need none of them (``tests/data``, metrics) do not pay for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS_DIR = REPO_ROOT / "experiments"
+
+
+@pytest.fixture(scope="session")
+def experiments_dir() -> Path:
+    """The repository's experiment YAMLs, independent of the directory pytest runs from."""
+    return EXPERIMENTS_DIR
+
+
+@pytest.fixture(scope="session")
+def compose(experiments_dir: Path) -> Callable[..., Any]:
+    """``compose(*overrides)``: the validated run config with Hydra-syntax overrides."""
+    from lightning_desa2va.config import compose_config
+
+    def _compose(*overrides: str) -> Any:
+        return compose_config(list(overrides), experiments_dir=experiments_dir)
+
+    return _compose
+
+
+@pytest.fixture(scope="session")
+def tokenizer(compose: Callable[..., Any]) -> Any:
+    """The embedded default tokenizer (built offline from the synthetic vocabulary)."""
+    from hydra.utils import instantiate
+
+    return instantiate(compose().model.tokenizer)
+
+
+@pytest.fixture(scope="session")
+def make_model(compose: Callable[..., Any], tokenizer: Any) -> Callable[..., tuple[Any, Any]]:
+    """``make_model(*overrides, seed=0)``: (config, freshly built seeded DeSa2VA) for those overrides."""
+    from lightning_desa2va.build import build_model
+
+    def _make(*overrides: str, seed: int = 0) -> tuple[Any, Any]:
+        cfg = compose(*overrides)
+        torch.manual_seed(seed)
+        return cfg, build_model(cfg, tokenizer)
+
+    return _make
+
+
+@pytest.fixture(scope="session")
+def make_batch(tokenizer: Any) -> Callable[..., dict[str, Any]]:
+    """``make_batch(model, expressions, num_frames=2, seed=0)``: a collated batch, one clip per expression.
+
+    Each clip has a bright rectangle (the target, at a different place per clip) on a dim noisy
+    background; tokens come from the real chat encoder and collation, sized to the model's foundations.
+    """
+    from torch.nn import functional as F
+
+    from lightning_desa2va.data.chat import ChatEncoder, ChatTemplates
+    from lightning_desa2va.data.datamodule import collate_clips
+
+    def _make(model: Any, expressions: list[str], num_frames: int = 2, seed: int = 0) -> dict[str, Any]:
+        generator = torch.Generator().manual_seed(seed)
+        encoder = ChatEncoder(tokenizer, ChatTemplates(), model.vlm.image_tokens)
+        size, vlm_size = model.sam.image_size, model.vlm.image_size
+        samples = []
+        for index, expression in enumerate(expressions):
+            target = torch.zeros(num_frames, size, size, dtype=torch.bool)
+            top, left = size // 8 + 8 * index, size // 4 + 4 * index
+            target[:, top : top + size // 3, left : left + size // 4] = True
+            noise = 0.2 * torch.randn(num_frames, 3, size, size, generator=generator)
+            frames = noise + 1.5 * target[:, None].float() - 0.5
+            vlm_pixels = F.interpolate(frames, size=(vlm_size, vlm_size), mode="bilinear")
+            chat = encoder.segmentation(expression, num_frames, [])
+            label = encoder.label_prompt(expression)
+            samples.append(
+                {
+                    "frames": frames,
+                    "vlm_pixels": vlm_pixels,
+                    "target_masks": target,
+                    "instance_masks": target.long(),
+                    "input_ids": chat.input_ids,
+                    "labels": chat.labels,
+                    "label_input_ids": label.input_ids,
+                    "expression": expression,
+                    "expression_type": "static",
+                    "video_id": f"video-{index}",
+                }
+            )
+        return collate_clips(samples, tokenizer.pad_token_id)
+
+    return _make
+
+
+@pytest.fixture(scope="session")
+def build_stage() -> Callable[[Any, Any], Any]:
+    """``build_stage(cfg, model)``: the configured stage LightningModule around ``model``."""
+    from hydra.utils import instantiate
+
+    def _build(cfg: Any, model: Any) -> Any:
+        return instantiate(cfg.stage, model=model, loss=instantiate(cfg.loss))
+
+    return _build

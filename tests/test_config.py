@@ -1,0 +1,142 @@
+"""Config composition: experiments, component swaps, key/type validation and saving."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+
+from lightning_desa2va.config import ConfigError, compose_config, save_config
+from lightning_desa2va.models.decoupler import LinearDecoupler, NoDecoupler
+from lightning_desa2va.models.fusion import DynamicFusion, VisualFusion
+
+
+def test_default_compose_has_every_component_and_the_stage_1_schedule(compose) -> None:
+    cfg = compose()
+    for group in ("model", "decoupler", "text_prompt", "visual_prompt", "fusion", "loss", "data", "stage"):
+        assert group in cfg, group
+    assert cfg.decoupler._target_.endswith("LinearDecoupler")
+    assert cfg.fusion._target_.endswith("DynamicFusion")
+    assert cfg.stage._target_.endswith("TextPretrainStage")
+    assert cfg.logger.run_name == "text_pretrain"  # the stage's _global_ package reaches other groups
+
+
+def test_stage_override_switches_the_lightning_module(compose) -> None:
+    cfg = compose("stage=decoupled_finetune")
+    assert cfg.stage._target_.endswith("DecoupledFinetuneStage")
+    assert cfg.logger.run_name == "decoupled_finetune"
+    assert "lora" in cfg.stage
+
+
+def test_desa2va_tiny_experiment_is_the_embedded_default(compose) -> None:
+    default = OmegaConf.to_container(compose(), resolve=True)
+    assert OmegaConf.to_container(compose("experiment=desa2va_tiny"), resolve=True) == default
+
+
+def test_sa2va_baseline_experiment_applies_its_components_and_loss(compose) -> None:
+    cfg = compose("experiment=sa2va_baseline")
+    assert cfg.decoupler._target_.endswith("NoDecoupler")
+    assert cfg.fusion._target_.endswith("VisualFusion")
+    assert (cfg.loss.w_t, cfg.loss.w_v, cfg.loss.w_orth) == (0.0, 0.0, 0.0)
+    assert cfg.loss.w_f == 1.0  # untouched keys keep the group's defaults
+
+
+def test_command_line_override_beats_the_experiment(compose) -> None:
+    cfg = compose("experiment=sa2va_baseline", "loss.w_t=0.3")
+    assert cfg.loss.w_t == 0.3
+    assert cfg.decoupler._target_.endswith("NoDecoupler")
+
+
+def test_unknown_experiment_fails_naming_it(compose) -> None:
+    with pytest.raises((HydraException, ConfigError), match="no_such_experiment"):
+        compose("experiment=no_such_experiment")
+
+
+@pytest.mark.parametrize(("choice", "expected"), [("none", NoDecoupler), ("linear", LinearDecoupler)])
+def test_decoupler_override_swaps_the_built_class(make_model, choice, expected) -> None:
+    _, model = make_model(f"decoupler={choice}")
+    assert type(model.decoupler) is expected
+    # widths come from the built foundations: VLM hidden size in, SAM-2 prompt width out
+    embeddings = model.decoupler(torch.zeros(3, model.vlm.hidden_size))
+    assert embeddings.text.shape == embeddings.visual.shape == (3, model.sam.prompt_dim)
+
+
+@pytest.mark.parametrize(
+    ("choice", "expected"),
+    [
+        ("visual", VisualFusion),
+        ("dynamic", DynamicFusion),
+    ],
+)
+def test_fusion_override_swaps_the_built_class(make_model, choice, expected) -> None:
+    _, model = make_model(f"fusion={choice}")
+    assert type(model.fusion) is expected
+
+
+def test_component_hyperparameters_reach_the_built_modules(make_model) -> None:
+    _, model = make_model("text_prompt.num_points=3", "fusion.hidden_channels=5")
+    assert model.text_prompt.num_points == 3
+    assert model.text_prompt.to_coords.out_features == 6
+    assert model.fusion.mask_gate[0].out_channels == 5
+
+
+def test_override_of_a_missing_key_fails_in_hydra_naming_it(compose) -> None:
+    with pytest.raises(HydraException, match="w_foo"):
+        compose("loss.w_foo=1")
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("+loss.w_foo=1", "loss.w_foo"),
+        ("+trainr.max_steps=3", "trainr"),
+        ("+loss.mask.w_bcee=1", "loss.mask.w_bcee"),
+        ("+decoupler.hidden=4", "decoupler.hidden"),
+    ],
+)
+def test_added_unknown_key_fails_naming_it(compose, override, key) -> None:
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        compose(override)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("loss.w_t=abc", "loss.w_t"),
+        ("seed=abc", "seed"),
+        ("data.batch_size=2.5", "data.batch_size"),
+        ("loss.mask.w_dice=[1,2]", "loss.mask.w_dice"),
+    ],
+)
+def test_wrong_type_fails_naming_the_key(compose, override, key) -> None:
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        compose(override)
+
+
+def test_values_of_the_right_type_pass_validation(compose) -> None:
+    cfg = compose("loss.w_t=1", "data.batch_size=4", "seed=7")  # an int is a valid float
+    assert (cfg.loss.w_t, cfg.data.batch_size, cfg.seed) == (1, 4, 7)
+
+
+def test_experiment_from_a_custom_directory_is_applied(tmp_path: Path) -> None:
+    (tmp_path / "tmp_custom_experiment.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /decoupler: none\nloss:\n  w_t: 0.25\n"
+    )
+    cfg = compose_config(["experiment=tmp_custom_experiment"], experiments_dir=tmp_path)
+    assert cfg.decoupler._target_.endswith("NoDecoupler")
+    assert cfg.loss.w_t == 0.25
+    assert cfg.fusion._target_.endswith("DynamicFusion")  # the rest stays default
+
+
+def test_save_config_round_trips_the_resolved_config(compose, tmp_path: Path) -> None:
+    cfg = compose("experiment=sa2va_baseline", "stage=decoupled_finetune", f"paths.output_dir={tmp_path}")
+    path = save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert path.is_file()
+    loaded = OmegaConf.load(path)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert OmegaConf.to_container(loaded) == resolved
+    assert loaded.trainer.default_root_dir == str(tmp_path)  # interpolations are written resolved
