@@ -2,9 +2,11 @@
 
 The model is the package's own :class:`~sam2.modeling.sam2_base.SAM2Base`, built from its packaged Hydra
 configs (with size overrides for the tiny default) and optionally loaded from an official ``.pt``
-checkpoint. :class:`LanguagePromptedSAM2` only adds the two calls the DeSa2VA pipeline needs: encode a
-batch of frames once, then decode masks from arbitrary sparse prompt embeddings (the projected ``[SEG]``
-state, point prompts, or both), as Sa2VA feeds its language embedding to SAM-2.
+checkpoint. :class:`LanguagePromptedSAM2` adds the calls the DeSa2VA pipeline needs: encode a batch of
+frames once, then decode masks from arbitrary sparse prompt embeddings (the projected ``[SEG]`` state,
+point prompts, or both), as Sa2VA feeds its language embedding to SAM-2; and track a prompted object
+through a clip with SAM-2's own memory (``track_step``), which both the promptable pre-training of the tiny
+SAM-2 and Sa2VA-style inference (key-frame mask → memory propagation) use.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from hydra import compose
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from safetensors.torch import load_model
 from sam2.modeling.sam2_base import SAM2Base
 from torch import Tensor
 from torch.nn import functional as F
@@ -28,6 +31,8 @@ log = logging.getLogger(__name__)
 SAM2_TARGET = "lightning_desa2va.models.sam2.LanguagePromptedSAM2"
 SAM2_CONFIG_MODULE = "sam2"
 SAM2_HYDRA_VERSION_BASE = "1.2"  # what the sam2 package itself initialises with
+_CLIP_DIMS = 4  # [T, 3, H, W]: one clip without a batch dimension
+SAFETENSORS_SUFFIX = ".safetensors"
 
 
 @dataclass
@@ -44,6 +49,48 @@ class MaskPrediction:
 
     logits: Tensor  # [N, 1, image_size, image_size]
     iou: Tensor  # [N, 1]
+
+
+@dataclass
+class ClipFeatures:
+    """Backbone features of B clips of T frames, stored frame-major as SAM-2's ``track_step`` takes them.
+
+    Levels are SAM-2's flattened ``[HW, T·B, C]`` maps; frame t of every clip is columns ``t·B:(t+1)·B``,
+    so one ``track_step`` call tracks one object per clip, all clips at once.
+    """
+
+    vision_feats: list[Tensor]
+    vision_pos_embeds: list[Tensor]
+    feat_sizes: list[tuple[int, int]]
+    num_clips: int
+    num_frames: int
+
+    def frame(self, index: int) -> tuple[list[Tensor], list[Tensor]]:
+        """Features and position embeddings of frame ``index`` of every clip."""
+        columns = slice(index * self.num_clips, (index + 1) * self.num_clips)
+        return [f[:, columns] for f in self.vision_feats], [p[:, columns] for p in self.vision_pos_embeds]
+
+    def select(self, clip_index: Tensor) -> ClipFeatures:
+        """Features of the clips ``clip_index`` [N] (repeated ones track several objects of one clip)."""
+        frames = torch.arange(self.num_frames, device=clip_index.device)[:, None]
+        columns = (frames * self.num_clips + clip_index[None, :]).flatten()
+        return ClipFeatures(
+            vision_feats=[f[:, columns] for f in self.vision_feats],
+            vision_pos_embeds=[p[:, columns] for p in self.vision_pos_embeds],
+            feat_sizes=self.feat_sizes,
+            num_clips=len(clip_index),
+            num_frames=self.num_frames,
+        )
+
+
+@dataclass
+class TrackOutput:
+    """What tracking one object per clip through T frames produced, per frame t (frame 0 prompted)."""
+
+    logits: Tensor  # [B, T, image_size, image_size]: the mask SAM-2 chose and wrote to its memory
+    candidate_logits: list[Tensor]  # per frame [B, M_t, image_size, image_size]: every decoder output
+    candidate_ious: list[Tensor]  # per frame [B, M_t]: SAM-2's IoU estimate of each candidate
+    object_score_logits: Tensor  # [B, T]: SAM-2's "object is visible" logit
 
 
 class LanguagePromptedSAM2(SAM2Base):
@@ -93,6 +140,124 @@ class LanguagePromptedSAM2(SAM2Base):
         """Encode point prompts (pixel coordinates [N, P, 2], labels [N, P]) with SAM-2's prompt encoder."""
         return self.sam_prompt_encoder._embed_points(coords, labels, pad=False)
 
+    def encode_clips(self, frames: Tensor) -> ClipFeatures:
+        """Run the image encoder once on clips [B, T, 3, H, W] for tracking (no memory added yet)."""
+        num_clips, num_frames = frames.shape[:2]
+        backbone_out = self.forward_image(frames.transpose(0, 1).flatten(0, 1))
+        _, vision_feats, vision_pos_embeds, feat_sizes = self._prepare_backbone_features(backbone_out)
+        return ClipFeatures(vision_feats, vision_pos_embeds, feat_sizes, num_clips, num_frames)
+
+    def track_step(
+        self,
+        frame_idx: int,
+        is_init_cond_frame: bool,
+        current_vision_feats: list[Tensor],
+        current_vision_pos_embeds: list[Tensor],
+        feat_sizes: list[tuple[int, int]],
+        point_inputs: dict[str, Tensor] | None,
+        mask_inputs: Tensor | None,
+        output_dict: dict[str, dict[int, dict]],
+        num_frames: int,
+        track_in_reverse: bool = False,
+        run_mem_encoder: bool = True,
+        prev_sam_mask_logits: Tensor | None = None,
+    ) -> dict:
+        """SAM-2's track step, also keeping every candidate mask, its IoU estimate and the object score.
+
+        The base method drops those in training mode, but promptable training supervises them (as the
+        ``sam2`` repository's own ``SAM2Train.track_step`` does, which extends SAM2Base the same way):
+        the base ``_track_step`` runs memory attention and the SAM heads, ``_encode_memory_in_output``
+        writes the chosen mask into memory.
+        """
+        current_out, sam_outputs, _, _ = self._track_step(
+            frame_idx,
+            is_init_cond_frame,
+            current_vision_feats,
+            current_vision_pos_embeds,
+            feat_sizes,
+            point_inputs,
+            mask_inputs,
+            output_dict,
+            num_frames,
+            track_in_reverse,
+            prev_sam_mask_logits,
+        )
+        _, candidates, ious, low_res_masks, high_res_masks, obj_ptr, object_score_logits = sam_outputs
+        current_out.update(
+            pred_masks=low_res_masks,
+            pred_masks_high_res=high_res_masks,
+            obj_ptr=obj_ptr,
+            object_score_logits=object_score_logits,
+            candidate_masks_high_res=candidates,
+            candidate_ious=ious,
+        )
+        self._encode_memory_in_output(
+            current_vision_feats,
+            feat_sizes,
+            point_inputs,
+            run_mem_encoder,
+            high_res_masks,
+            object_score_logits,
+            current_out,
+        )
+        return current_out
+
+    def track(
+        self,
+        features: ClipFeatures,
+        point_inputs: dict[str, Tensor] | None = None,
+        mask_inputs: Tensor | None = None,
+    ) -> TrackOutput:
+        """Prompt frame 0 of every clip, then track through frames 1..T-1 with SAM-2's memory.
+
+        ``point_inputs`` is SAM-2's point format (``point_coords`` [B, P, 2] in pixels, ``point_labels``
+        [B, P] int32: 1 positive, 0 negative, 2/3 box corners, -1 padding); ``mask_inputs`` [B, 1, H, W]
+        is a mask prompt (e.g. a language-prompted key-frame mask). The memory is organised as sam2's
+        video predictor does: the prompted frame under ``cond_frame_outputs``, the others under
+        ``non_cond_frame_outputs``.
+        """
+        if point_inputs is None and mask_inputs is None:
+            raise ValueError("tracking needs a point/box prompt or a mask prompt on frame 0")
+        output_dict: dict[str, dict[int, dict]] = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
+        outputs = []
+        for index in range(features.num_frames):
+            vision_feats, vision_pos_embeds = features.frame(index)
+            is_cond = index == 0
+            out = self.track_step(
+                frame_idx=index,
+                is_init_cond_frame=is_cond,
+                current_vision_feats=vision_feats,
+                current_vision_pos_embeds=vision_pos_embeds,
+                feat_sizes=features.feat_sizes,
+                point_inputs=point_inputs if is_cond else None,
+                mask_inputs=mask_inputs if is_cond else None,
+                output_dict=output_dict,
+                num_frames=features.num_frames,
+            )
+            output_dict["cond_frame_outputs" if is_cond else "non_cond_frame_outputs"][index] = out
+            outputs.append(out)
+        return TrackOutput(
+            logits=torch.stack([out["pred_masks_high_res"][:, 0] for out in outputs], dim=1),
+            candidate_logits=[out["candidate_masks_high_res"] for out in outputs],
+            candidate_ious=[out["candidate_ious"] for out in outputs],
+            object_score_logits=torch.cat([out["object_score_logits"] for out in outputs], dim=1),
+        )
+
+    def track_from_prompt(
+        self,
+        frames: Tensor,
+        point_inputs: dict[str, Tensor] | None = None,
+        mask_inputs: Tensor | None = None,
+    ) -> Tensor:
+        """Mask logits [(B,) T, H, W] of the object prompted on frame 0 of clips [(B,) T, 3, H, W].
+
+        One clip [T, 3, H, W] takes prompts with a batch dimension of 1 and returns [T, H, W].
+        """
+        single = frames.ndim == _CLIP_DIMS
+        clips = frames.unsqueeze(0) if single else frames
+        logits = self.track(self.encode_clips(clips), point_inputs, mask_inputs).logits
+        return logits[0] if single else logits
+
 
 def build_sam2(
     config_name: str,
@@ -116,13 +281,20 @@ def build_sam2(
 
 
 def load_sam2_checkpoint(model: SAM2Base, path: Path) -> None:
-    """Load an official SAM-2 ``.pt`` checkpoint, naming the file and the keys when they do not fit."""
+    """Load SAM-2 weights from an official ``.pt`` checkpoint or a ``.safetensors`` state dict.
+
+    ``.pt`` files load with ``weights_only=True``; keys that do not fit the configured model are an error
+    naming the file and the keys.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"SAM-2 checkpoint not found: {path}")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or "model" not in payload:
-        raise ValueError(f"SAM-2 checkpoint {path} has no 'model' state dict (official format expected)")
-    missing, unexpected = model.load_state_dict(payload["model"], strict=False)
+    if path.suffix == SAFETENSORS_SUFFIX:
+        missing, unexpected = load_model(model, path, strict=False)
+    else:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(payload, dict) or "model" not in payload:
+            raise ValueError(f"SAM-2 checkpoint {path} has no 'model' state dict (official format expected)")
+        missing, unexpected = model.load_state_dict(payload["model"], strict=False)
     if missing or unexpected:
         raise ValueError(
             f"SAM-2 checkpoint {path} does not fit the configured model: "

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_model
 from torch import Tensor, nn
 from transformers import (
     AutoModelForImageTextToText,
@@ -98,8 +99,13 @@ def build_tiny_internvl(
     image_size: int,
     patch_size: int,
     downsample_ratio: float,
+    weights: str | None = None,
 ) -> SegTokenVLM:
-    """A randomly initialised InternVL of the real class, sized for CPU runs and tests."""
+    """An InternVL of the real class sized for CPU runs: random init, or ``weights`` (a safetensors file).
+
+    The architecture always comes from these arguments, so a weights file that does not fit them is an
+    error naming the file and the mismatching keys, never a silent partial load.
+    """
     image_tokens = int((image_size // patch_size) ** 2 * downsample_ratio**2)
     config = InternVLConfig(
         vision_config=InternVLVisionConfig(
@@ -125,7 +131,21 @@ def build_tiny_internvl(
         downsample_ratio=downsample_ratio,
     )
     model = InternVLForConditionalGeneration(config)
+    if weights is not None:
+        load_vlm_weights(model, Path(weights))
     return SegTokenVLM(model, tokenizer.convert_tokens_to_ids(SEG_TOKEN), image_size, image_tokens)
+
+
+def load_vlm_weights(model: PreTrainedModel, path: Path) -> None:
+    """Load a safetensors file into ``model`` strictly (tied embeddings are stored once)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"VLM weights not found: {path}")
+    try:
+        load_model(model, path, strict=True)
+    except RuntimeError as error:
+        first_lines = " ".join(str(error).splitlines()[:3])
+        raise ValueError(f"VLM weights {path} do not fit the configured model: {first_lines} ...") from error
+    log.info("loaded VLM weights from %s", path)
 
 
 def load_pretrained_vlm(path: str, tokenizer: PreTrainedTokenizerBase) -> SegTokenVLM:
