@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 MLFLOW_URI ?= sqlite:///mlflow.db
 ARGS ?=
 
-.PHONY: install test lint format demo ui clean-outputs
+.PHONY: install test lint format demo pretrain-tiny ui clean-outputs
 
 install: $(STAMP)
 
@@ -36,6 +36,12 @@ format: install
 
 demo: install
 	$(BIN)/desa2va demo $(ARGS)
+
+# Train the tiny SAM-2 and VLM foundations from scratch (their own recipes) and compare their metrics with
+# the shipped manifest; OUT=lightning_desa2va/weights/tiny replaces the shipped files.
+OUT ?= outputs/foundations/tiny
+pretrain-tiny: install
+	$(BIN)/desa2va pretrain-tiny --out $(OUT) $(ARGS)
 
 ui: install
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_URI) --host 127.0.0.1 --port 5000

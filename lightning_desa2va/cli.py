@@ -52,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", help=f"Hydra overrides (after {DEMO_EXPERIMENT})")
     demo.set_defaults(run=_demo)
 
+    pretrain = commands.add_parser(
+        "pretrain-tiny", help="train the tiny SAM-2 and VLM foundations from scratch and export them"
+    )
+    pretrain.add_argument("--out", type=Path, default=Path("outputs/foundations/tiny"))
+    pretrain.add_argument("overrides", nargs="*")
+    pretrain.set_defaults(run=_pretrain_tiny)
+
     shards = commands.add_parser("shards", help="write WebDataset shards")
     sources = shards.add_subparsers(required=True, metavar="SOURCE")
     synthetic = sources.add_parser("synthetic", help="the synthetic moving-shapes benchmark")
@@ -86,6 +93,19 @@ def _demo(args: argparse.Namespace) -> None:
     from lightning_desa2va.pipeline import run_demo
 
     _print_runs(list(run_demo([DEMO_EXPERIMENT, *args.overrides], args.experiments_dir)))
+
+
+def _pretrain_tiny(args: argparse.Namespace) -> None:
+    from lightning_desa2va.foundations import SHIPPED_DIR, read_manifest
+    from lightning_desa2va.pipeline import pretrain_foundations
+    from lightning_desa2va.report import print_reproduction
+
+    recipes = pretrain_foundations(args.overrides, args.out, args.experiments_dir)
+    try:
+        shipped = read_manifest(SHIPPED_DIR)["recipes"]
+    except FileNotFoundError:
+        shipped = {}
+    print_reproduction(recipes, shipped, args.out)
 
 
 def _shards_synthetic(args: argparse.Namespace) -> None:

@@ -15,14 +15,15 @@ from typing import Any
 import lightning.pytorch as pl
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_desa2va.baselines import union_of_objects
-from lightning_desa2va.build import build_components
+from lightning_desa2va.build import build_components, build_model
 from lightning_desa2va.config import compose_config, save_config
 from lightning_desa2va.data.datamodule import TRAIN, VAL, RefVOSDataModule
 from lightning_desa2va.data.shards import split_urls, write_synthetic_benchmark
 from lightning_desa2va.data.synthetic import SyntheticConfig
+from lightning_desa2va.foundations import SAM2_WEIGHTS, VLM_WEIGHTS, Recipe, export_weights, write_manifest
 from lightning_desa2va.metrics import JFMetric
 from lightning_desa2va.stages.checkpoints import load_model_weights
 from lightning_desa2va.tracking import log_run_config
@@ -144,3 +145,27 @@ def run_demo(overrides: list[str], experiments_dir: Path | None = None) -> tuple
         ["stage=decoupled_finetune", f"stage.init_from={text_run.checkpoint}", *overrides], experiments_dir
     )
     return text_run, train_stage(finetune_cfg)
+
+
+FOUNDATION_RECIPES = {"sam2": ("sam2_pretrain", SAM2_WEIGHTS), "vlm": ("vlm_pretrain", VLM_WEIGHTS)}
+
+
+def pretrain_foundations(
+    overrides: list[str], out_dir: Path, experiments_dir: Path | None = None
+) -> dict[str, Recipe]:
+    """Train the tiny SAM-2 and VLM from scratch with their recipes and export them with a manifest."""
+    recipes: dict[str, Recipe] = {}
+    weights: dict[str, Path] = {}
+    for name, (stage, file_name) in FOUNDATION_RECIPES.items():
+        cfg = compose_config([f"stage={stage}", *overrides], experiments_dir)
+        ensure_synthetic_shards(cfg)
+        run = train_stage(cfg)
+        model = build_model(cfg, instantiate(cfg.model.tokenizer))
+        load_model_weights(model, run.checkpoint)
+        foundation = model.sam if name == "sam2" else model.vlm.model
+        weights[name] = export_weights(foundation, out_dir / file_name)
+        recipes[name] = Recipe(
+            stage=stage, config=OmegaConf.to_container(cfg, resolve=True), seed=cfg.seed, metrics=run.metrics
+        )
+    write_manifest(out_dir, recipes, weights)
+    return recipes

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.console import Console
 from rich.table import Table
 
 from lightning_desa2va.data.schema import EXPRESSION_TYPES
+from lightning_desa2va.foundations import Recipe
 
 COLUMNS = {"JF": "J&F", **{f"JF/{kind}": f"J&F {kind}" for kind in EXPRESSION_TYPES}, "J": "J", "F": "F"}
 
@@ -27,3 +30,24 @@ def print_summary(title: str, rows: dict[str, dict[str, float]], footer: list[st
     console.print(summary_table(title, rows))
     for line in footer:
         console.print(line)
+
+
+def print_reproduction(recipes: dict[str, Recipe], shipped: dict[str, dict], out_dir: Path) -> None:
+    """Each foundation's final metrics beside the shipped manifest's, so a reproduction can be judged."""
+    table = Table(title=f"tiny foundations written to {out_dir}")
+    for header in ("foundation", "metric", "this run", "shipped", "difference"):
+        table.add_column(header, justify="right" if header not in ("foundation", "metric") else "left")
+    for name, recipe in recipes.items():
+        reference = shipped.get(name, {}).get("metrics", {})
+        for metric, value in sorted(recipe.metrics.items()):
+            if metric in reference:
+                table.add_row(
+                    name,
+                    metric,
+                    f"{value:.3f}",
+                    f"{reference[metric]:.3f}",
+                    f"{value - reference[metric]:+.3f}",
+                )
+            else:
+                table.add_row(name, metric, f"{value:.3f}", "-", "-")
+    Console().print(table)
