@@ -11,7 +11,7 @@ from hydra.errors import HydraException, InstantiationException
 
 from lightning_desa2va.config import ConfigError, compose_config
 from lightning_desa2va.data.schema import ShardFormatError
-from lightning_desa2va.report import print_summary
+from lightning_desa2va.report import print_metrics, print_summary
 
 if TYPE_CHECKING:
     from lightning_desa2va.pipeline import StageRun
@@ -117,6 +117,9 @@ def _shards_synthetic(args: argparse.Namespace) -> None:
 
 
 def _print_runs(runs: list[StageRun]) -> None:
+    if not all("JF" in run.metrics for run in runs):
+        print_metrics("metrics on val", {run.label: run.metrics for run in runs})
+        return
     rows = {run.label: run.metrics for run in runs}
     rows["union of objects"] = runs[-1].baseline
     footer = [f"{run.label}: MLflow run {run.run_id}, outputs in {run.output_dir}" for run in runs]

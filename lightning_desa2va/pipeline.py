@@ -25,6 +25,7 @@ from lightning_desa2va.data.shards import split_urls, write_synthetic_benchmark
 from lightning_desa2va.data.synthetic import SyntheticConfig
 from lightning_desa2va.foundations import SAM2_WEIGHTS, VLM_WEIGHTS, Recipe, export_weights, write_manifest
 from lightning_desa2va.metrics import JFMetric
+from lightning_desa2va.stages.base import SegmentationStage
 from lightning_desa2va.stages.checkpoints import load_model_weights
 from lightning_desa2va.tracking import log_run_config
 
@@ -78,7 +79,9 @@ def train_stage(cfg: DictConfig) -> StageRun:
         {name: value for name, value in trainer.callback_metrics.items() if name.startswith(f"{VAL}/")},
         f"{VAL}/",
     )
-    baseline = score_union_baseline(parts.datamodule, trainer.logger)
+    # The union baseline measures referring; stages that output no masks (VLM pre-training) skip it.
+    referring = isinstance(parts.stage, SegmentationStage)
+    baseline = score_union_baseline(parts.datamodule, trainer.logger) if referring else {}
     checkpoint = Path(trainer.checkpoint_callback.last_model_path).resolve()
     return StageRun(
         label=parts.stage.label,

@@ -32,6 +32,18 @@ def print_summary(title: str, rows: dict[str, dict[str, float]], footer: list[st
         console.print(line)
 
 
+def print_metrics(title: str, rows: dict[str, dict[str, float]]) -> None:
+    """Every metric of each run, for stages whose metrics are not J&F per type (foundation pretraining)."""
+    table = Table(title=title)
+    table.add_column("run", no_wrap=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, scores in rows.items():
+        for metric, value in sorted(scores.items()):
+            table.add_row(name, metric, f"{value:.3f}")
+    Console().print(table)
+
+
 def print_reproduction(recipes: dict[str, Recipe], shipped: dict[str, dict], out_dir: Path) -> None:
     """Each foundation's final metrics beside the shipped manifest's, so a reproduction can be judged."""
     table = Table(title=f"tiny foundations written to {out_dir}")

@@ -81,6 +81,7 @@ def make_batch(tokenizer: Any) -> Callable[..., dict[str, Any]]:
             vlm_pixels = F.interpolate(frames, size=(vlm_size, vlm_size), mode="bilinear")
             chat = encoder.segmentation(expression, num_frames, [])
             label = encoder.label_prompt(expression)
+            caption = encoder.caption_qa(f"the {expression}", num_frames, [])
             samples.append(
                 {
                     "frames": frames,
@@ -90,6 +91,10 @@ def make_batch(tokenizer: Any) -> Callable[..., dict[str, Any]]:
                     "input_ids": chat.input_ids,
                     "labels": chat.labels,
                     "label_input_ids": label.input_ids,
+                    "caption_input_ids": caption.input_ids,
+                    "caption_labels": caption.labels,
+                    "has_caption": True,
+                    "qa_questions": [],
                     "expression": expression,
                     "expression_type": "static",
                     "video_id": f"video-{index}",

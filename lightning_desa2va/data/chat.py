@@ -2,7 +2,8 @@
 
 Stage 2 asks ``<image>``×T + "Please segment {expression}." and trains the answer "Sure, [SEG]."
 (plus QA turns about the clip, whose answers also carry the LM loss). Stage 1 asks the same question
-about the ground-truth label without any image. Only assistant tokens are labelled; the rest is -100.
+about the ground-truth label without any image. VLM pre-training asks for a caption of the frames, then
+the clip's questions. Only assistant tokens are labelled; the rest is -100.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from lightning_desa2va.data.captions import CaptionTemplates
 from lightning_desa2va.data.schema import QAPair
 from lightning_desa2va.models.tokenizer import (
     ASSISTANT_ROLE,
@@ -29,12 +31,15 @@ ASSISTANT_TURN = f"{TURN_START_TOKEN} {ASSISTANT_ROLE}"
 
 
 @dataclass
-class ChatTemplates:
-    """The wording of the prompts (config ``data.chat``)."""
+class ChatTemplates(CaptionTemplates):
+    """The wording of the prompts (config ``data.chat``), the caption's wording included."""
 
     segment_question: str = "Please segment {expression}."
     segment_answer: str = "Sure, [SEG]."
     max_qa_turns: int = 1
+    caption_question: str = "Which shapes are there?"
+    caption_qa_turns: int | None = None
+    """QA turns after the caption in VLM pre-training; ``None`` keeps all of the clip's pairs."""
 
 
 @dataclass
@@ -55,14 +60,27 @@ class ChatEncoder:
 
     def segmentation(self, expression: str, num_frames: int, qa: list[QAPair]) -> EncodedChat:
         """Frames, the segmentation request and its ``[SEG]`` answer, then up to ``max_qa_turns`` QA turns."""
-        image = IMAGE_START_TOKEN + IMAGE_CONTEXT_TOKEN * self.image_tokens + IMAGE_END_TOKEN
-        turns = [
+        turns: list[tuple[str, str | None]] = [
             (
-                image * num_frames + self.templates.segment_question.format(expression=expression),
+                self._images(num_frames) + self.templates.segment_question.format(expression=expression),
                 self.templates.segment_answer,
             )
         ]
         turns += [(pair.question, pair.answer) for pair in qa[: self.templates.max_qa_turns]]
+        return self._encode(turns)
+
+    def caption_qa(self, caption: str | None, num_frames: int, qa: list[QAPair]) -> EncodedChat:
+        """Frames, the caption request and its answer, then the clip's QA turns (VLM pre-training).
+
+        Without a caption (objects without attributes) the frames go before the first question; with
+        neither caption nor QA the frames and the caption request come back with no labelled token.
+        """
+        turns = [(self.templates.caption_question, caption)] if caption is not None else []
+        turns += [(pair.question, pair.answer) for pair in qa[: self.templates.caption_qa_turns]]
+        if not turns:
+            turns = [(self.templates.caption_question, None)]
+        first_question, first_answer = turns[0]
+        turns[0] = (self._images(num_frames) + first_question, first_answer)
         return self._encode(turns)
 
     def label_prompt(self, label: str) -> EncodedChat:
@@ -71,11 +89,20 @@ class ChatEncoder:
             [(self.templates.segment_question.format(expression=label), self.templates.segment_answer)]
         )
 
-    def _encode(self, turns: list[tuple[str, str]]) -> EncodedChat:
+    def _images(self, num_frames: int) -> str:
+        image = IMAGE_START_TOKEN + IMAGE_CONTEXT_TOKEN * self.image_tokens + IMAGE_END_TOKEN
+        return image * num_frames
+
+    def _encode(self, turns: list[tuple[str, str | None]]) -> EncodedChat:
+        """Token ids of the turns; an answer of ``None`` leaves the assistant turn open and unlabelled."""
         ids: list[int] = []
         labels: list[int] = []
         for question, answer in turns:
             user = self._ids(f"{TURN_START_TOKEN} {USER_ROLE} {question} {TURN_END_TOKEN} {ASSISTANT_TURN}")
+            if answer is None:
+                ids += user
+                labels += [IGNORE_INDEX] * len(user)
+                continue
             reply = self._ids(f"{answer} {TURN_END_TOKEN}")
             ids += user + reply
             labels += [IGNORE_INDEX] * len(user) + reply

@@ -3,7 +3,8 @@
 Every expression of every video is one training sample. Training clips are T frames drawn at random (in
 order) from the video; validation and test clips use every frame, so J&F is measured on whole videos.
 Frames are resized twice, for SAM-2 and for the VLM, and the expression is tokenized into the chat prompt
-with ``[SEG]`` (plus the ground-truth label prompt that stage 1 uses).
+with ``[SEG]`` (plus the ground-truth label prompt that stage 1 uses, and the caption + QA conversation
+that VLM pre-training uses).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from lightning_desa2va.data.captions import clip_caption
 from lightning_desa2va.data.chat import IGNORE_INDEX, ChatEncoder, ChatTemplates
 from lightning_desa2va.data.schema import Expression, VideoSample, decode_sample
 from lightning_desa2va.data.shards import SkipCounter, error_handler, split_urls
@@ -67,6 +69,9 @@ class ClipEncoder:
         target = torch.isin(ids, torch.tensor(expression.object_ids))
         chat = self.chat.segmentation(expression.text, len(index), video.qa)
         label_chat = self.chat.label_prompt(expression.label or expression.text)
+        caption = clip_caption(video.objects, self.chat.templates)
+        caption_chat = self.chat.caption_qa(caption, len(index), video.qa)
+        questions = [pair.question for pair in video.qa[: self.chat.templates.caption_qa_turns]]
         return {
             "frames": self._normalise(self._resize(rgb, self.sam_image_size)),
             "vlm_pixels": self._normalise(self._resize(rgb, self.vlm_image_size)),
@@ -75,6 +80,10 @@ class ClipEncoder:
             "input_ids": chat.input_ids,
             "labels": chat.labels,
             "label_input_ids": label_chat.input_ids,
+            "caption_input_ids": caption_chat.input_ids,
+            "caption_labels": caption_chat.labels,
+            "has_caption": caption is not None,
+            "qa_questions": questions,
             "expression": expression.text,
             "expression_type": expression.type,
             "video_id": video.video_id,
@@ -110,6 +119,8 @@ def collate_clips(samples: list[dict[str, Any]], pad_token_id: int) -> dict[str,
         ("input_ids", pad_token_id),
         ("labels", IGNORE_INDEX),
         ("label_input_ids", pad_token_id),
+        ("caption_input_ids", pad_token_id),
+        ("caption_labels", IGNORE_INDEX),
     ):
         batch[key] = pad_sequence([sample[key] for sample in samples], batch_first=True, padding_value=pad)
     batch["attention_mask"] = pad_sequence(
@@ -118,7 +129,10 @@ def collate_clips(samples: list[dict[str, Any]], pad_token_id: int) -> dict[str,
     batch["label_attention_mask"] = pad_sequence(
         [torch.ones_like(sample["label_input_ids"]) for sample in samples], batch_first=True
     )
-    for key in ("expression", "expression_type", "video_id"):
+    batch["caption_attention_mask"] = pad_sequence(
+        [torch.ones_like(sample["caption_input_ids"]) for sample in samples], batch_first=True
+    )
+    for key in ("expression", "expression_type", "video_id", "has_caption", "qa_questions"):
         batch[key] = [sample[key] for sample in samples]
     return batch
 

@@ -1,8 +1,10 @@
-"""What every stage shares: which modules train, the optimizer, and J&F evaluation with overlays.
+"""What the stages share.
 
-A stage subclass says how a batch becomes a loss (``training_step``) and mask logits
-(``predict_logits``); validation and test then measure J, F and J&F per expression type with the same
-:class:`~lightning_desa2va.metrics.JFMetric`, and save overlays of a few clips for people to look at.
+:class:`TrainingStage`: which modules train, the optimizer (and optional LR schedule), the NaN guard.
+:class:`SegmentationStage` adds J&F evaluation: a subclass says how a batch becomes a loss
+(``training_step``) and mask logits (``predict_logits``); validation and test then measure J, F and J&F
+per expression type with the same :class:`~lightning_desa2va.metrics.JFMetric`, and save overlays of a
+few clips for people to look at.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torchmetrics
 from torch import Tensor
 
 from lightning_desa2va.metrics import JFMetric
@@ -26,29 +29,31 @@ from lightning_desa2va.visualize import OverlayItem, save_overlays
 log = logging.getLogger(__name__)
 
 Optimizer = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+Scheduler = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss: stopping beats training on garbage."""
 
 
-class SegmentationStage(pl.LightningModule):
-    """Base LightningModule of a training stage of :class:`DeSa2VA`."""
+class TrainingStage(pl.LightningModule):
+    """Base LightningModule of every training stage of :class:`DeSa2VA`."""
 
-    #: How summaries name this stage's output masks.
+    #: How summaries name this stage (or its output masks).
     label: str = "model"
 
     def __init__(
-        self, model: DeSa2VA, optimizer: Optimizer, train_modules: list[str], num_overlays: int
+        self,
+        model: DeSa2VA,
+        optimizer: Optimizer,
+        train_modules: list[str],
+        scheduler: Scheduler | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.optimizer_factory = optimizer
-        self.train_modules = train_modules
-        self.num_overlays = num_overlays
-        self.val_jf = JFMetric()
-        self.test_jf = JFMetric()
-        self._overlays: list[OverlayItem] = []
+        self.scheduler_factory = scheduler
+        self.train_modules = list(train_modules)
         self.last_validated_step: int | None = None
 
     def select_trainable(self, extra: Iterable[str] = ()) -> None:
@@ -71,12 +76,12 @@ class SegmentationStage(pl.LightningModule):
     def model_size(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
-
-    @abstractmethod
-    def predict_logits(self, batch: dict[str, Any]) -> Tensor:
-        """The stage's output mask logits [B, T, H, W] for a batch."""
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def check_finite(self, loss: Tensor, batch: dict[str, Any]) -> Tensor:
         """Raise on a NaN/inf loss, naming the step and the clips of the batch."""
@@ -86,13 +91,30 @@ class SegmentationStage(pl.LightningModule):
             )
         return loss
 
+
+class SegmentationStage(TrainingStage):
+    """A stage whose output is masks for expressions, scored with J&F per expression type."""
+
+    def __init__(
+        self, model: DeSa2VA, optimizer: Optimizer, train_modules: list[str], num_overlays: int
+    ) -> None:
+        super().__init__(model, optimizer, train_modules)
+        self.num_overlays = num_overlays
+        self.val_jf = JFMetric()
+        self.test_jf = JFMetric()
+        self._overlays: list[OverlayItem] = []
+
+    @abstractmethod
+    def predict_logits(self, batch: dict[str, Any]) -> Tensor:
+        """The stage's output mask logits [B, T, H, W] for a batch."""
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, self.val_jf)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, self.test_jf)
 
-    def _evaluate(self, batch: dict[str, Any], metric: JFMetric) -> None:
+    def _evaluate(self, batch: dict[str, Any], metric: torchmetrics.Metric) -> None:
         predicted = self.predict_logits(batch) > 0
         metric.update(predicted, batch["target_masks"], batch["expression_type"])
         for index in range(len(batch["expression"])):
@@ -115,7 +137,7 @@ class SegmentationStage(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_results(self.test_jf, "test")
 
-    def _log_results(self, metric: JFMetric, split: str) -> None:
+    def _log_results(self, metric: torchmetrics.Metric, split: str) -> None:
         results = metric.compute()
         metric.reset()
         self.log_dict({f"{split}/{name}": value for name, value in results.items()}, sync_dist=True)

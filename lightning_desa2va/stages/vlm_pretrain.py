@@ -1,0 +1,235 @@
+"""VLM pre-training (``stage=vlm_pretrain``): captions and QA about the clips, before any segmentation.
+
+A randomly initialised tiny VLM barely refers: its ``[SEG]`` state hardly depends on the expression and
+the gradient that reaches it through SAM-2 is tiny (DESIGN §7). As the real pipeline starts from a VLM
+pretrained on image-text data, the embedded default first trains its VLM with the language-model loss on
+a caption of the frames (every object by colour, shape and motion) and on the clip's QA answers, so its
+hidden states carry appearance and motion. Validation reports the LM loss, teacher-forced accuracies (per
+answer token, per caption, per QA answer and per question kind) and a probe of whether the ``[SEG]``
+state of the segmentation prompt separates the expressions of one clip.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchmetrics import MeanMetric
+
+from lightning_desa2va.data.chat import IGNORE_INDEX
+from lightning_desa2va.models.desa2va import DeSa2VA
+from lightning_desa2va.stages.base import Optimizer, Scheduler, TrainingStage
+
+log = logging.getLogger(__name__)
+
+CAPTION_KIND = "caption"
+OTHER_KIND = "other"
+VAL, TEST = "val", "test"
+METRIC_NAMES = ("lm_loss", "answer_token_accuracy", "caption_accuracy", "qa_accuracy", "seg_state_separation")
+"""What validation and test log (plus ``qa_accuracy/<kind>`` per configured question kind)."""
+
+
+@dataclass
+class AnswerScores:
+    """Teacher-forced argmax scores of a batch's answers."""
+
+    token_hits: Tensor  # [N] bool, one per labelled answer token of the batch
+    answers: list[list[bool]]  # per sequence, per answer (labelled run) in order: all its tokens right?
+
+
+def answer_spans(valid: Tensor) -> list[list[tuple[int, int]]]:
+    """Per row of a [B, L] bool mask, the ``[start, end)`` of each run of True (one run per answer)."""
+    spans: list[list[tuple[int, int]]] = []
+    padded = F.pad(valid.int(), (1, 1))
+    edges = padded[:, 1:] - padded[:, :-1]
+    for row in edges:
+        starts = (row == 1).nonzero().flatten().tolist()
+        ends = (row == -1).nonzero().flatten().tolist()
+        spans.append(list(zip(starts, ends, strict=True)))
+    return spans
+
+
+def score_answers(logits: Tensor, labels: Tensor) -> AnswerScores:
+    """Argmax of the logits at each position against the next label, over the labelled tokens only."""
+    predicted = logits[:, :-1].argmax(dim=-1)
+    target = labels[:, 1:]
+    valid = target != IGNORE_INDEX
+    hits = (predicted == target) & valid
+    answers = [
+        [bool(hits[row, start:end].all()) for start, end in spans]
+        for row, spans in enumerate(answer_spans(valid))
+    ]
+    return AnswerScores(token_hits=hits[valid], answers=answers)
+
+
+def question_kind(question: str, qa_kinds: dict[str, list[str]]) -> str:
+    """The kind of a question by its opening words (config ``stage.qa_kinds``), else ``other``."""
+    text = question.lower()
+    for kind, openings in qa_kinds.items():
+        if any(text.startswith(opening.lower()) for opening in openings):
+            return kind
+    return OTHER_KIND
+
+
+def expression_separation(seg_hidden: Tensor, video_ids: Sequence[str], expressions: Sequence[str]) -> Tensor:
+    """Cosine distances between ``[SEG]`` states of different expressions of the same clip, [pairs].
+
+    Why this probe: a VLM whose ``[SEG]`` state does not depend on the expression gives SAM-2 nothing to
+    refer with; within one clip the frames are equal, so any distance comes from the expression alone.
+    """
+    unit = F.normalize(seg_hidden.float(), dim=-1)
+    distances = 1.0 - unit @ unit.T
+    pairs = [
+        distances[i, j]
+        for i in range(len(video_ids))
+        for j in range(i + 1, len(video_ids))
+        if video_ids[i] == video_ids[j] and expressions[i] != expressions[j]
+    ]
+    return torch.stack(pairs) if pairs else distances.new_zeros(0)
+
+
+class NoAnswersError(ValueError):
+    """A batch without a single labelled answer token: nothing to pre-train on (names the videos)."""
+
+
+class VLMPretrainStage(TrainingStage):
+    """LM loss on the caption and QA answers of each clip; trains the VLM (from scratch by default).
+
+    ``loss`` (the segmentation loss every stage is built with) is accepted and not used: this stage's loss
+    is the transformers model's own next-token cross-entropy on the answer tokens.
+    """
+
+    label = "VLM pre-training (captions + QA)"
+
+    def __init__(
+        self,
+        model: DeSa2VA,
+        optimizer: Optimizer,
+        train_modules: list[str] | None = None,
+        qa_kinds: dict[str, list[str]] | None = None,
+        scheduler: Scheduler | None = None,
+        seg_probe: bool = True,
+        loss: object | None = None,
+    ) -> None:
+        super().__init__(model, optimizer, train_modules if train_modules is not None else ["vlm"], scheduler)
+        self.qa_kinds = dict(qa_kinds or {})
+        self.seg_probe = seg_probe
+        self.metrics = nn.ModuleDict({split: self._split_metrics() for split in (VAL, TEST)})
+        self._seen_videos: set[str] = set()
+        self._captionless_warned = False
+        self.select_trainable()
+
+    def _split_metrics(self) -> nn.ModuleDict:
+        names = [*METRIC_NAMES, *(f"qa_accuracy/{kind}" for kind in [*self.qa_kinds, OTHER_KIND])]
+        return nn.ModuleDict({name: MeanMetric() for name in names})
+
+    def language_model_pass(self, batch: dict[str, Any], rows: Iterable[int] | None = None) -> Any:
+        """The transformers model on the caption + QA conversations (optionally a subset of the rows)."""
+        labels = batch["caption_labels"]
+        index = torch.as_tensor(list(rows) if rows is not None else range(len(labels)), device=labels.device)
+        labels = batch["caption_labels"][index]
+        if not (labels != IGNORE_INDEX).any():
+            videos = [batch["video_id"][i] for i in index.tolist()]
+            raise NoAnswersError(
+                f"no caption or QA answer to train on in videos {videos}: their objects have no "
+                "colour/shape/motion attributes and they have no QA pairs"
+            )
+        return self.model.vlm.model(
+            input_ids=batch["caption_input_ids"][index],
+            attention_mask=batch["caption_attention_mask"][index],
+            pixel_values=batch["vlm_pixels"][index].flatten(0, 1),
+            labels=labels,
+        )
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        output = self.language_model_pass(batch)
+        loss = self.check_finite(output.loss, batch)
+        batch_size = len(batch["video_id"])
+        captioned = sum(batch["has_caption"])
+        if captioned < batch_size and not self._captionless_warned:
+            log.warning(
+                "%d of %d clips have no caption (objects without attributes, e.g. a real dataset): "
+                "they train on their QA answers only; train/caption_fraction tracks the share",
+                batch_size - captioned,
+                batch_size,
+            )
+            self._captionless_warned = True
+        self.log("train/lm_loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/caption_fraction", captioned / batch_size, batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, VAL)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, TEST)
+
+    def on_validation_epoch_start(self) -> None:
+        self._seen_videos.clear()
+
+    def on_test_epoch_start(self) -> None:
+        self._seen_videos.clear()
+
+    def _evaluate(self, batch: dict[str, Any], split: str) -> None:
+        """LM scores once per video (a clip's expressions share its caption and QA), then the probe."""
+        metrics = self.metrics[split]
+        rows = []
+        for row, video in enumerate(batch["video_id"]):
+            if video not in self._seen_videos:
+                self._seen_videos.add(video)
+                rows.append(row)
+        if rows:
+            output = self.language_model_pass(batch, rows)
+            labels = batch["caption_labels"][rows]
+            scores = score_answers(output.logits, labels)
+            metrics["lm_loss"].update(output.loss, weight=int(scores.token_hits.numel()))
+            metrics["answer_token_accuracy"].update(scores.token_hits.float())
+            for row, answers in zip(rows, scores.answers, strict=True):
+                self._update_answer_metrics(metrics, batch, row, answers)
+        if self.seg_probe:
+            seg_hidden = self.model.vlm(
+                batch["input_ids"], batch["attention_mask"], batch["vlm_pixels"].flatten(0, 1)
+            ).seg_hidden
+            distances = expression_separation(seg_hidden, batch["video_id"], batch["expression"])
+            if distances.numel():
+                metrics["seg_state_separation"].update(distances)
+
+    def _update_answer_metrics(
+        self, metrics: nn.ModuleDict, batch: dict[str, Any], row: int, answers: list[bool]
+    ) -> None:
+        kinds = [question_kind(question, self.qa_kinds) for question in batch["qa_questions"][row]]
+        if batch["has_caption"][row]:
+            kinds = [CAPTION_KIND, *kinds]
+        if len(kinds) != len(answers):
+            raise ValueError(
+                f"video {batch['video_id'][row]}: {len(answers)} labelled answers but {len(kinds)} turns"
+            )
+        for kind, correct in zip(kinds, answers, strict=True):
+            value = torch.tensor(float(correct))
+            if kind == CAPTION_KIND:
+                metrics["caption_accuracy"].update(value)
+                continue
+            metrics["qa_accuracy"].update(value)
+            metrics[f"qa_accuracy/{kind}"].update(value)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_results(VAL)
+        self.last_validated_step = self.global_step
+
+    def on_test_epoch_end(self) -> None:
+        self._log_results(TEST)
+
+    def _log_results(self, split: str) -> None:
+        results = {}
+        for name, metric in self.metrics[split].items():
+            if metric.weight > 0:  # a kind no question asked stays unlogged rather than NaN
+                results[f"{split}/{name}"] = metric.compute()
+            metric.reset()
+        self.log_dict(results, sync_dist=True)
+        rounded = {name: round(float(value), 4) for name, value in results.items()}
+        log.info("%s at step %d: %s", split, self.global_step, rounded)
