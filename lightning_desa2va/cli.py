@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from lightning_desa2va.pipeline import StageRun
 
 DEMO_EXPERIMENT = "experiment=desa2va_tiny"
+LIGHTNING_LOGGER = "lightning"
 SPLIT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 
 
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Lightning prints its own messages through its own handler; propagating them too would print twice.
+    logging.getLogger(LIGHTNING_LOGGER).propagate = False
     try:
         args.run(args)
     except (HydraException, ConfigError, ShardFormatError, FileNotFoundError) as error:
