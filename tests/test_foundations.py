@@ -30,7 +30,8 @@ def foundations(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        recipes = pretrain_foundations(TINY_RECIPES, root / "weights", EXPERIMENTS_DIR)
+        store = f"logger.tracking_uri=sqlite:///{root / 'mlflow.db'}"  # absolute: MLflow caches stores by URI
+        recipes = pretrain_foundations([*TINY_RECIPES, store], root / "weights", EXPERIMENTS_DIR)
     return root / "weights", recipes
 
 

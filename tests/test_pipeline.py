@@ -31,12 +31,13 @@ TINY_RUN = [
 
 @pytest.fixture(scope="module")
 def demo_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, tuple]:
-    """Run the demo once in a scratch folder (default relative paths: data/, outputs/, mlruns/)."""
+    """Run the demo once in a scratch folder (relative paths data/, outputs/, mlruns/ land there)."""
     root = tmp_path_factory.mktemp("demo")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        runs = run_demo(TINY_RUN, EXPERIMENTS_DIR)
+        # An absolute store URI: MLflow caches stores by URI, so a relative one would reach another test's.
+        runs = run_demo([*TINY_RUN, f"logger.tracking_uri=sqlite:///{root / 'mlflow.db'}"], EXPERIMENTS_DIR)
     return root, runs
 
 
