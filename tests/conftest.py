@@ -114,3 +114,44 @@ def build_stage() -> Callable[[Any, Any], Any]:
         return instantiate(cfg.stage, model=model, loss=instantiate(cfg.loss))
 
     return _build
+
+
+@pytest.fixture(scope="session")
+def fit_on_batch() -> Callable[..., tuple[Any, list[float]]]:
+    """``fit_on_batch(stage, batch, steps, root, val_batch=None, **trainer_options)``: (trainer, losses).
+
+    A real but quiet Lightning fit (no logger, checkpoints or progress bar) on one batch repeated ``steps``
+    times, so a test exercises the stage's own optimizer, training_step and logging.
+    """
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    class LossRecorder(pl.Callback):
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.losses.append(float(outputs["loss"]))
+
+    def _fit(stage: Any, batch: Any, steps: int, root: Path, val_batch: Any = None, **options: Any):
+        recorder = LossRecorder()
+        trainer = pl.Trainer(
+            **{
+                "accelerator": "cpu",
+                "devices": 1,
+                "max_steps": steps,
+                "logger": False,
+                "enable_checkpointing": False,
+                "enable_progress_bar": False,
+                "enable_model_summary": False,
+                "limit_val_batches": 0 if val_batch is None else 1.0,
+                "callbacks": [recorder],
+                "default_root_dir": root,
+                **options,
+            }
+        )
+        validation = None if val_batch is None else DataLoader([val_batch], batch_size=None)
+        trainer.fit(stage, DataLoader([batch] * steps, batch_size=None), validation)
+        return trainer, recorder.losses
+
+    return _fit

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import math
 
-import lightning.pytorch as pl
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from lightning_desa2va.stages.base import NonFiniteLossError
 from lightning_desa2va.stages.sam2_pretrain import PromptSampler, centroid_points
@@ -100,36 +98,16 @@ def test_objects_are_chosen_among_those_visible_in_frame_0(stage_and_batch) -> N
         stage.choose_objects(torch.zeros(1, 2, 8, 8, dtype=torch.long))
 
 
-class LossRecorder(pl.Callback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(outputs["loss"]))
-
-
 @pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
 @pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")
-def test_the_stage_learns_to_track_a_fixed_batch(stage_and_batch, tmp_path) -> None:
+def test_the_stage_learns_to_track_a_fixed_batch(stage_and_batch, fit_on_batch, tmp_path) -> None:
     cfg, model, stage, batch = stage_and_batch
     memory_before = {k: v.clone() for k, v in model.sam.memory_encoder.state_dict().items()}
     vlm_before = {k: v.clone() for k, v in model.vlm.state_dict().items()}
-    recorder = LossRecorder()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=STEPS,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        gradient_clip_val=cfg.trainer.gradient_clip_val,
-        callbacks=[recorder],
-        default_root_dir=tmp_path,
-    )
     torch.manual_seed(0)
-    trainer.fit(stage, train_dataloaders=DataLoader([batch] * STEPS, batch_size=None))
-    losses = recorder.losses
+    trainer, losses = fit_on_batch(
+        stage, batch, STEPS, tmp_path, gradient_clip_val=cfg.trainer.gradient_clip_val
+    )
     assert len(losses) == STEPS and all(math.isfinite(loss) for loss in losses)
     assert sum(losses[-2:]) < 0.8 * sum(losses[:2]), losses
     logged = {"train/loss", "train/loss_mask", "train/loss_iou", "train/loss_object", "train/track_iou"}

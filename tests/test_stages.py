@@ -6,48 +6,16 @@ import math
 import re
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from torch.utils.data import DataLoader
 
 from lightning_desa2va.stages.base import NonFiniteLossError
 
 STEPS = 6
 LEARNING_RATE = 3e-3  # fixed here, so the test does not depend on the tuned default
 EXPRESSION = "the red circle"
-
-
-class LossRecorder(pl.Callback):
-    """Collects the loss each training step returned."""
-
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(outputs["loss"]))
-
-
-def fit_on_one_batch(stage, batch, steps: int, root: Path, gradient_clip_val: float) -> LossRecorder:
-    """A real (minimal) Trainer fit: the stage's own optimizer, training_step and logging, same batch."""
-    recorder = LossRecorder()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        gradient_clip_val=gradient_clip_val,
-        callbacks=[recorder],
-        default_root_dir=root,
-    )
-    trainer.fit(stage, train_dataloaders=DataLoader([batch] * steps, batch_size=None))
-    return recorder
 
 
 @pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
@@ -72,7 +40,7 @@ def fit_on_one_batch(stage, batch, steps: int, root: Path, gradient_clip_val: fl
     ],
 )
 def test_training_decreases_the_loss_on_a_fixed_batch(
-    stage_name, logged, make_model, make_batch, build_stage, tmp_path
+    stage_name, logged, make_model, make_batch, build_stage, fit_on_batch, tmp_path
 ) -> None:
     cfg, model = make_model(f"stage={stage_name}", f"stage.optimizer.lr={LEARNING_RATE}")
     stage = build_stage(cfg, model)
@@ -80,9 +48,8 @@ def test_training_decreases_the_loss_on_a_fixed_batch(
     frozen_before = {k: v.clone() for k, v in model.sam.image_encoder.state_dict().items()}
     decoder_before = {k: v.clone() for k, v in model.sam.sam_mask_decoder.state_dict().items()}
 
-    recorder = fit_on_one_batch(stage, batch, STEPS, tmp_path, cfg.trainer.gradient_clip_val)
+    _, losses = fit_on_batch(stage, batch, STEPS, tmp_path, gradient_clip_val=cfg.trainer.gradient_clip_val)
 
-    losses = recorder.losses
     assert len(losses) == STEPS and all(math.isfinite(loss) for loss in losses)
     assert losses[-1] < 0.8 * losses[0], losses
     assert logged <= set(stage.trainer.callback_metrics), sorted(stage.trainer.callback_metrics)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-import lightning.pytorch as pl
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from lightning_desa2va.data.captions import CaptionTemplates, clip_caption
 from lightning_desa2va.data.chat import IGNORE_INDEX, ChatEncoder, ChatTemplates
@@ -158,18 +156,10 @@ def test_question_kinds_and_the_expression_probe() -> None:
     assert distances.tolist() == pytest.approx([1.0, 1.0])
 
 
-class LossRecorder(pl.Callback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(outputs["loss"]))
-
-
 @pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")
 @pytest.mark.filterwarnings("ignore:The '(train|val)_dataloader' does not have many workers")
 def test_the_stage_lowers_the_lm_loss_and_reports_its_scores(
-    make_model, tokenizer, build_stage, tmp_path
+    make_model, tokenizer, build_stage, fit_on_batch, tmp_path
 ) -> None:
     cfg, model = make_model(
         "stage=vlm_pretrain", f"stage.optimizer.lr={LEARNING_RATE}", "stage.scheduler=null"
@@ -177,24 +167,9 @@ def test_the_stage_lowers_the_lm_loss_and_reports_its_scores(
     stage = build_stage(cfg, model)
     batch = clip_batch(model, tokenizer, [0, 1], expressions_per_clip=2)
     sam_before = {k: v.clone() for k, v in model.sam.state_dict().items()}
-    recorder = LossRecorder()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=STEPS,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        val_check_interval=STEPS,
-        num_sanity_val_steps=0,
-        callbacks=[recorder],
-        default_root_dir=tmp_path,
+    trainer, losses = fit_on_batch(
+        stage, batch, STEPS, tmp_path, val_batch=batch, val_check_interval=STEPS, num_sanity_val_steps=0
     )
-    loader = DataLoader([batch] * STEPS, batch_size=None)
-    trainer.fit(stage, train_dataloaders=loader, val_dataloaders=DataLoader([batch], batch_size=None))
-
-    losses = recorder.losses
     assert len(losses) == STEPS and all(math.isfinite(loss) for loss in losses)
     assert losses[-1] < 0.8 * losses[0], losses
     metrics = trainer.callback_metrics
