@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_desa2va.stages.base import NonFiniteLossError
-from lightning_desa2va.stages.sam2_pretrain import PromptSampler, centroid_points
+from lightning_desa2va.stages.sam2_pretrain import PromptSampler, centroid_points, visible_objects
 
 SIZE = 32
 STEPS = 8
@@ -83,6 +83,31 @@ def clip_batch(image_size: int, num_frames: int = 3) -> dict:
 def stage_and_batch(make_model, build_stage):
     cfg, model = make_model("stage=sam2_pretrain", f"stage.optimizer.lr={LEARNING_RATE}", *POINTS_ONLY)
     return cfg, model, build_stage(cfg, model), clip_batch(model.sam.image_size)
+
+
+def test_visible_objects_lists_every_frame_0_object_of_the_given_clips() -> None:
+    ids = torch.zeros(3, 2, 8, 8, dtype=torch.long)
+    ids[0, 0, :2, :2], ids[0, 0, 4:, 4:] = 4, 7
+    ids[1, 0, :3, :3] = 2
+    ids[1, 1, 5:, 5:] = 9  # only in a later frame: not prompted
+    ids[2, 0, :1, :1] = 5  # clip not asked for
+    clip_index, object_ids = visible_objects(ids, [0, 1])
+    assert clip_index.tolist() == [0, 0, 1] and object_ids.tolist() == [4, 7, 2]
+    assert [len(x) for x in visible_objects(ids, [])] == [0, 0]
+
+
+def test_all_objects_training_tracks_one_row_per_visible_object(make_model, build_stage) -> None:
+    cfg, model = make_model("stage=sam2_pretrain", "stage.all_objects=true", *POINTS_ONLY)
+    stage = build_stage(cfg, model)
+    batch = clip_batch(model.sam.image_size)
+    batch["instance_masks"][0, :, -16:, -16:] = 2  # a second object in clip 0
+    rows = len(visible_objects(batch["instance_masks"], list(range(len(batch["instance_masks"]))))[0])
+    tracked = []
+    original = model.sam.track
+    model.sam.track = lambda features, *args: tracked.append(features.num_clips) or original(features, *args)
+    loss = stage.training_step(batch, 0)
+    assert tracked == [rows] and rows > len(batch["instance_masks"])
+    assert math.isfinite(float(loss))
 
 
 def test_objects_are_chosen_among_those_visible_in_frame_0(stage_and_batch) -> None:

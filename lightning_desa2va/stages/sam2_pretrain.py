@@ -38,6 +38,15 @@ def objects_in_frame(instance_ids: Tensor) -> list[Tensor]:
     return [ids[ids != BACKGROUND_ID] for ids in (frame.unique() for frame in instance_ids)]
 
 
+def visible_objects(instance_ids: Tensor, clips: list[int]) -> tuple[Tensor, Tensor]:
+    """(clip index, object id) of every object visible in frame 0 of the given clips ([B, T, H, W] ids)."""
+    firsts = objects_in_frame(instance_ids[clips, 0])
+    clip_index = [clip for clip, ids in zip(clips, firsts, strict=True) for _ in range(len(ids))]
+    device = instance_ids.device
+    object_ids = torch.cat(firsts) if firsts else torch.zeros(0, dtype=instance_ids.dtype, device=device)
+    return torch.tensor(clip_index, dtype=torch.long, device=device), object_ids
+
+
 def _pixel_centres(mask: Tensor) -> Tensor:
     """(x, y) pixel-centre coordinates [P, 2] of the True pixels of one mask [H, W]."""
     rows, cols = mask.nonzero(as_tuple=True)
@@ -186,12 +195,14 @@ class SAM2PretrainStage(SegmentationStage):
         prompts: PromptSampler,
         w_iou: float,
         w_object: float,
+        all_objects: bool = True,
     ) -> None:
         super().__init__(model, optimizer, train_modules, num_overlays)
         self.mask_loss: MaskLoss = loss.mask  # the configured BCE + Dice; the triple weights do not apply
         self.prompts = prompts
         self.w_iou = w_iou
         self.w_object = w_object
+        self.all_objects = all_objects
         self.val_tracking = PromptedTrackingMetric()
         self.test_tracking = PromptedTrackingMetric()
         self._seen_videos: set[str] = set()
@@ -208,9 +219,15 @@ class SAM2PretrainStage(SegmentationStage):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         instance_masks = batch["instance_masks"]
-        targets = instance_masks == self.choose_objects(instance_masks)[:, None, None, None]
+        features = self.model.sam.encode_clips(batch["frames"])
+        if self.all_objects:  # every object of every clip: several prompts per encoded clip, as SAM trains
+            clip_index, object_ids = visible_objects(instance_masks, list(range(len(instance_masks))))
+            features = features.select(clip_index)
+        else:
+            clip_index, object_ids = torch.arange(len(instance_masks)), self.choose_objects(instance_masks)
+        targets = instance_masks[clip_index] == object_ids[:, None, None, None]
         point_inputs, mask_inputs = self.prompts(targets[:, 0])
-        output = self.model.sam.track(self.model.sam.encode_clips(batch["frames"]), point_inputs, mask_inputs)
+        output = self.model.sam.track(features, point_inputs, mask_inputs)
         # A mask prompt is SAM-2's output on its frame as is: only the tracked frames can be supervised.
         terms = self.tracking_losses(output, targets, first_frame=0 if mask_inputs is None else 1)
         loss = terms["mask"] + self.w_iou * terms["iou"] + self.w_object * terms["object"]
@@ -277,16 +294,10 @@ class SAM2PretrainStage(SegmentationStage):
             if video not in self._seen_videos:
                 self._seen_videos.add(video)
                 fresh.append(index)
-        clip_index, object_ids = [], []
-        for index in fresh:
-            ids = objects_in_frame(batch["instance_masks"][index, :1])[0]
-            clip_index += [index] * len(ids)
-            object_ids.append(ids)
-        if not clip_index:
+        clip_index_t, all_ids = visible_objects(batch["instance_masks"], fresh)
+        if len(clip_index_t) == 0:
             return
-        device = batch["frames"].device
-        clip_index_t = torch.tensor(clip_index, device=device)
-        all_ids = torch.cat(object_ids)
+        clip_index = clip_index_t.tolist()
         targets = batch["instance_masks"][clip_index_t] == all_ids[:, None, None, None]
         features = self.model.sam.encode_clips(batch["frames"]).select(clip_index_t)
         predicted = self.model.sam.track(features, centroid_points(targets[:, 0])).logits > 0
