@@ -81,6 +81,12 @@ class DeSa2VA(nn.Module):
         logits, prompt = self.text_masks(self.encode_frames(frames), z_text, num_frames)
         return logits.view(batch, num_frames, *logits.shape[-2:]), prompt
 
+    def propagate(self, frames: Tensor, key_frame_logits: Tensor) -> Tensor:
+        """Sa2VA-style inference: the key-frame mask [B, H, W] (frame 0) seeds SAM-2's memory, which tracks
+        the object through every frame of the clips [B, T, 3, H, W]; returns mask logits [B, T, H, W]."""
+        mask_inputs = (key_frame_logits > 0).float().unsqueeze(1)
+        return self.sam.track_from_prompt(frames, mask_inputs=mask_inputs)
+
     def forward(
         self,
         frames: Tensor,

@@ -40,9 +40,11 @@ class DecoupledFinetuneStage(SegmentationStage):
         num_overlays: int,
         lora: LoraConfig | None = None,
         init_from: str | None = None,
+        propagate: bool = False,
     ) -> None:
         super().__init__(model, optimizer, train_modules, num_overlays)
         self.loss = loss
+        self.propagate = propagate
         if init_from is not None:
             load_model_weights(model, Path(init_from))
         if lora is not None:
@@ -59,7 +61,9 @@ class DecoupledFinetuneStage(SegmentationStage):
         )
 
     def predict_logits(self, batch: dict[str, Any]) -> Tensor:
-        return self.forward_batch(batch).fused_logits
+        """Fused masks on every frame, or (``propagate``) on the key frame then tracked by SAM-2's memory."""
+        fused = self.forward_batch(batch).fused_logits
+        return self.model.propagate(batch["frames"], fused[:, 0]) if self.propagate else fused
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         output = self.forward_batch(batch)
