@@ -10,7 +10,8 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from PIL import Image
 
-from lightning_desa2va.pipeline import run_demo
+from lightning_desa2va.config import compose_config
+from lightning_desa2va.pipeline import evaluate_checkpoint, run_demo
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
 TINY_RUN = [
@@ -110,3 +111,15 @@ def test_mlflow_artifacts_hold_config_checkpoint_and_overlays(demo_store, tmp_pa
 
         if name == "decoupled_finetune":
             assert config.stage.init_from == str(text_run.checkpoint)
+
+
+def test_eval_of_the_stage_2_checkpoint_reproduces_its_validation(demo_store) -> None:
+    root, (_, finetune_run) = demo_store
+    cfg = compose_config([*TINY_RUN, "stage=decoupled_finetune"], EXPERIMENTS_DIR)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        scores, baseline = evaluate_checkpoint(cfg, finetune_run.checkpoint, "val")
+    assert scores.keys() == finetune_run.metrics.keys()
+    for name, value in finetune_run.metrics.items():
+        assert scores[name] == pytest.approx(value, abs=1e-6), name
+    assert baseline == pytest.approx(finetune_run.baseline)
