@@ -57,6 +57,8 @@ def test_boxes_are_the_object_bounds_and_prompt_kinds_follow_their_probabilities
         prob_box=0, prob_mask=1, max_positive_points=1, max_negative_points=0, box_jitter=0
     )(masks)
     assert points is None and torch.equal(mask[:, 0].bool(), masks)
+    points, mask = PromptSampler(0, 1, 1, 0, box_jitter=0)(masks, allow_mask=False)  # single-frame clips
+    assert mask is None and points["point_labels"].tolist() == [[1]] * 3
     points, mask = PromptSampler(1, 0, 1, 0, box_jitter=0.1)(masks)
     assert mask is None and points["point_labels"].tolist() == [[2, 3]] * 3
 

@@ -101,13 +101,18 @@ class PromptSampler:
         self.box_jitter = box_jitter
 
     def __call__(
-        self, masks: Tensor, generator: torch.Generator | None = None
+        self, masks: Tensor, generator: torch.Generator | None = None, allow_mask: bool = True
     ) -> tuple[dict[str, Tensor] | None, Tensor | None]:
-        """``(point_inputs, mask_inputs)`` for the objects' frame-0 masks [B, H, W]; exactly one is set."""
+        """``(point_inputs, mask_inputs)`` for the objects' frame-0 masks [B, H, W]; exactly one is set.
+
+        ``allow_mask=False`` (single-frame clips, where a mask prompt leaves no frame to learn from) turns the
+        mask share into clicks.
+        """
         draw = torch.rand((), generator=generator).item()
         if draw < self.prob_mask:
-            return None, masks[:, None].float()
-        if draw < self.prob_mask + self.prob_box:
+            if allow_mask:
+                return None, masks[:, None].float()
+        elif draw < self.prob_mask + self.prob_box:
             return self.boxes(masks, generator), None
         positives = int(torch.randint(1, self.max_positive_points + 1, (), generator=generator))
         negatives = int(torch.randint(0, self.max_negative_points + 1, (), generator=generator))
@@ -226,7 +231,7 @@ class SAM2PretrainStage(SegmentationStage):
         else:
             clip_index, object_ids = torch.arange(len(instance_masks)), self.choose_objects(instance_masks)
         targets = instance_masks[clip_index] == object_ids[:, None, None, None]
-        point_inputs, mask_inputs = self.prompts(targets[:, 0])
+        point_inputs, mask_inputs = self.prompts(targets[:, 0], allow_mask=targets.shape[1] > 1)
         output = self.model.sam.track(features, point_inputs, mask_inputs)
         # A mask prompt is SAM-2's output on its frame as is: only the tracked frames can be supervised.
         terms = self.tracking_losses(output, targets, first_frame=0 if mask_inputs is None else 1)
