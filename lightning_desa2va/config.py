@@ -14,6 +14,7 @@ import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,11 @@ HYDRA_VERSION_BASE = "1.3"
 EXPERIMENT_GROUP = "experiment"
 DEFAULT_EXPERIMENTS_DIR = Path("experiments")
 _HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+SHIPPED_FOUNDATIONS_DIR = Path(str(files("lightning_desa2va"))) / "weights" / "tiny"
+RECIPES_DIR = Path(str(files("lightning_desa2va"))) / "configs" / "recipes"
+
+# `${shipped_foundations:}` in a config is the folder of the tiny foundations that ship with the package.
+OmegaConf.register_new_resolver("shipped_foundations", lambda: str(SHIPPED_FOUNDATIONS_DIR), replace=True)
 
 
 class ConfigError(ValueError):
@@ -41,6 +47,7 @@ class PathsConfig:
 
     data_dir: str = "data/shapes"
     output_dir: str = "outputs"
+    foundations_dir: str = "${shipped_foundations:}"
 
 
 @dataclass

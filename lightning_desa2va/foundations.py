@@ -11,17 +11,18 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_model
 from torch import nn
 
+from lightning_desa2va.config import SHIPPED_FOUNDATIONS_DIR
+
 MANIFEST_NAME = "manifest.json"
 SAM2_WEIGHTS = "sam2.safetensors"
 VLM_WEIGHTS = "vlm.safetensors"
-SHIPPED_DIR = Path(str(files("lightning_desa2va"))) / "weights" / "tiny"
+SHIPPED_DIR = SHIPPED_FOUNDATIONS_DIR
 HASH_CHUNK_BYTES = 1 << 20
 
 
@@ -30,13 +31,28 @@ class FoundationMismatchError(ValueError):
 
 
 @dataclass
-class Recipe:
-    """How one foundation was made: the stage, its resolved config, seed and final metrics."""
+class Phase:
+    """One training run of a foundation's recipe: its overrides, resolved config, seed and final metrics."""
 
     stage: str
+    overrides: list[str]
     config: dict[str, Any]
     seed: int
     metrics: dict[str, float]
+
+
+@dataclass
+class Recipe:
+    """How one foundation was made: its phases in order; the last phase's metrics are the foundation's."""
+
+    phases: list[Phase]
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.phases[-1].metrics
+
+    def to_json(self) -> dict[str, Any]:
+        return {"metrics": self.metrics, "phases": [vars(phase) for phase in self.phases]}
 
 
 def export_weights(module: nn.Module, path: Path) -> Path:
@@ -57,7 +73,7 @@ def sha256_of(path: Path) -> str:
 def write_manifest(out_dir: Path, recipes: dict[str, Recipe], weights: dict[str, Path]) -> Path:
     """Record each foundation's recipe and the sha256 and size of every weights file in ``out_dir``."""
     manifest = {
-        "recipes": {name: vars(recipe) for name, recipe in recipes.items()},
+        "recipes": {name: recipe.to_json() for name, recipe in recipes.items()},
         "files": {
             path.name: {"sha256": sha256_of(path), "bytes": path.stat().st_size} for path in weights.values()
         },

@@ -23,6 +23,22 @@ def dice_loss(logits: Tensor, target: Tensor, smooth: float) -> Tensor:
     return (1 - (2 * overlap + smooth) / (probs.sum(-1) + target.sum(-1) + smooth)).mean()
 
 
+def point_loss(heatmap_logits: Tensor, target: Tensor) -> Tensor:
+    """−log of the probability mass a point heatmap [B, T, K, h, w] puts on the target [B, T, H, W].
+
+    Cells count by the share of their area inside the target, so the loss pulls every point onto the
+    referred object(s), towards their interior. Frames where the target is absent do not count.
+    """
+    cells = heatmap_logits.shape[-2:]
+    inside = F.adaptive_avg_pool2d(target.flatten(0, 1).unsqueeze(1).to(heatmap_logits.dtype), cells)
+    inside = inside.view(*target.shape[:2], 1, -1)
+    log_mass = torch.logsumexp(heatmap_logits.flatten(-2).log_softmax(-1) + inside.log(), dim=-1)
+    present = (inside.sum(-1) > 0).expand_as(log_mass)
+    if not present.any():
+        return heatmap_logits.new_zeros(())
+    return -log_mass[present].mean()
+
+
 class MaskLoss(nn.Module):
     """w_bce · BCE + w_dice · Dice on mask logits against binary masks of the same shape."""
 
@@ -55,14 +71,31 @@ class LossTerms:
 
 
 class TripleSupervisionLoss(nn.Module):
-    """w_f·L(M_f) + w_t·L(M_t) + w_v·L(M_v) + w_orth·L_orth + w_lm·L_lm."""
+    """w_f·L(M_f) + w_t·L(M_t) + w_v·L(M_v) + w_orth·L_orth + w_lm·L_lm + w_point·L_point.
+
+    L_point (:func:`point_loss`) supervises where a grounded text prompt puts its points.
+    """
 
     def __init__(
-        self, mask: MaskLoss, w_f: float, w_t: float, w_v: float, w_orth: float, w_lm: float
+        self,
+        mask: MaskLoss,
+        w_f: float,
+        w_t: float,
+        w_v: float,
+        w_orth: float,
+        w_lm: float,
+        w_point: float = 0.0,
     ) -> None:
         super().__init__()
         self.mask = mask
-        self.weights = {"fused": w_f, "text": w_t, "visual": w_v, "orth": w_orth, "lm": w_lm}
+        self.weights = {
+            "fused": w_f,
+            "text": w_t,
+            "visual": w_v,
+            "orth": w_orth,
+            "lm": w_lm,
+            "point": w_point,
+        }
 
     @property
     def uses_lm(self) -> bool:
@@ -85,6 +118,25 @@ class TripleSupervisionLoss(nn.Module):
             if output.lm_loss is None:
                 raise ValueError("loss.w_lm is set but the VLM returned no LM loss (no answer labels)")
             terms["lm"] = output.lm_loss
+        terms.update(self.point_terms(output.text_heatmap, target))
+        return self.weighted(terms)
+
+    def text_only(self, text_logits: Tensor, text_heatmap: Tensor | None, target: Tensor) -> LossTerms:
+        """Stage 1: the text mask is the only mask, so its loss counts fully; plus w_point · L_point."""
+        terms = {"text": self.mask(text_logits, target), **self.point_terms(text_heatmap, target)}
+        total = terms["text"] + sum(self.weights[name] * terms[name] for name in terms if name != "text")
+        return LossTerms(total=total, terms=terms)
+
+    def point_terms(self, text_heatmap: Tensor | None, target: Tensor) -> dict[str, Tensor]:
+        if not self.weights["point"]:
+            return {}
+        if text_heatmap is None:
+            raise ValueError(
+                "loss.w_point is set but the text prompt makes no heatmap (text_prompt=grounded_points does)"
+            )
+        return {"point": point_loss(text_heatmap, target)}
+
+    def weighted(self, terms: dict[str, Tensor]) -> LossTerms:
         if not terms:
             raise ValueError("every loss weight is 0: nothing would train")
         total = torch.stack([self.weights[name] * value for name, value in terms.items()]).sum()

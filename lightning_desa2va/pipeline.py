@@ -7,6 +7,7 @@ validates the final model on the val split beside the union-of-objects baseline,
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,15 +17,24 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from lightning_desa2va.baselines import union_of_objects
 from lightning_desa2va.build import build_components, build_model
-from lightning_desa2va.config import compose_config, save_config
+from lightning_desa2va.config import RECIPES_DIR, compose_config, save_config
 from lightning_desa2va.data.datamodule import TRAIN, VAL, RefVOSDataModule
 from lightning_desa2va.data.shards import split_urls, write_synthetic_benchmark
 from lightning_desa2va.data.synthetic import SyntheticConfig
-from lightning_desa2va.foundations import SAM2_WEIGHTS, VLM_WEIGHTS, Recipe, export_weights, write_manifest
+from lightning_desa2va.foundations import (
+    SAM2_WEIGHTS,
+    VLM_WEIGHTS,
+    Phase,
+    Recipe,
+    export_weights,
+    write_manifest,
+)
 from lightning_desa2va.metrics import JFMetric
+from lightning_desa2va.models.desa2va import DeSa2VA
 from lightning_desa2va.stages.base import SegmentationStage
 from lightning_desa2va.stages.checkpoints import load_model_weights
 from lightning_desa2va.tracking import log_run_config
@@ -150,25 +160,52 @@ def run_demo(overrides: list[str], experiments_dir: Path | None = None) -> tuple
     return text_run, train_stage(finetune_cfg)
 
 
-FOUNDATION_RECIPES = {"sam2": ("sam2_pretrain", SAM2_WEIGHTS), "vlm": ("vlm_pretrain", VLM_WEIGHTS)}
+FOUNDATION_FILES = {"sam2": SAM2_WEIGHTS, "vlm": VLM_WEIGHTS}
+PRETRAIN_RECIPE = RECIPES_DIR / "pretrain_tiny.yaml"
+
+
+def foundation_of(model: DeSa2VA, name: str) -> nn.Module:
+    """The part of the model a foundation's weights file holds."""
+    return model.sam if name == "sam2" else model.vlm.model
 
 
 def pretrain_foundations(
-    overrides: list[str], out_dir: Path, experiments_dir: Path | None = None
+    overrides: list[str],
+    out_dir: Path,
+    experiments_dir: Path | None = None,
+    recipe_path: Path = PRETRAIN_RECIPE,
 ) -> dict[str, Recipe]:
-    """Train the tiny SAM-2 and VLM from scratch with their recipes and export them with a manifest."""
+    """Train the tiny SAM-2 and VLM from scratch, phase by phase as their recipe says, and export the
+    result with a manifest. Each later phase starts from the weights the phase before it exported."""
+    recipe = OmegaConf.load(recipe_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
     recipes: dict[str, Recipe] = {}
     weights: dict[str, Path] = {}
-    for name, (stage, file_name) in FOUNDATION_RECIPES.items():
-        cfg = compose_config([f"stage={stage}", *overrides], experiments_dir)
-        ensure_synthetic_shards(cfg)
-        run = train_stage(cfg)
-        model = build_model(cfg, instantiate(cfg.model.tokenizer))
-        load_model_weights(model, run.checkpoint)
-        foundation = model.sam if name == "sam2" else model.vlm.model
-        weights[name] = export_weights(foundation, out_dir / file_name)
-        recipes[name] = Recipe(
-            stage=stage, config=OmegaConf.to_container(cfg, resolve=True), seed=cfg.seed, metrics=run.metrics
-        )
+    for name, file_name in FOUNDATION_FILES.items():
+        phases: list[Phase] = []
+        start: list[str] = []
+        for index, phase_overrides in enumerate(recipe[name].phases, start=1):
+            phase_overrides = [*phase_overrides, *start, *overrides]
+            cfg = compose_config(phase_overrides, experiments_dir)
+            log.info(
+                "%s phase %d of %d: %s", name, index, len(recipe[name].phases), " ".join(phase_overrides)
+            )
+            ensure_synthetic_shards(cfg)
+            run = train_stage(cfg)
+            model = build_model(cfg, instantiate(cfg.model.tokenizer))
+            load_model_weights(model, run.checkpoint)
+            weights[name] = export_weights(foundation_of(model, name), run.output_dir / file_name)
+            start = [f"{recipe[name].start_key}={weights[name].resolve()}"]
+            phases.append(
+                Phase(
+                    stage=str(cfg.stage._target_),
+                    overrides=phase_overrides,
+                    config=OmegaConf.to_container(cfg, resolve=True),
+                    seed=cfg.seed,
+                    metrics=run.metrics,
+                )
+            )
+        weights[name] = shutil.copyfile(weights[name], out_dir / file_name)
+        recipes[name] = Recipe(phases=phases)
     write_manifest(out_dir, recipes, weights)
     return recipes

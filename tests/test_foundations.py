@@ -9,7 +9,7 @@ import torch
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 
-from lightning_desa2va.foundations import SAM2_WEIGHTS, VLM_WEIGHTS, verify_foundations
+from lightning_desa2va.foundations import SAM2_WEIGHTS, SHIPPED_DIR, VLM_WEIGHTS, verify_foundations
 from lightning_desa2va.pipeline import pretrain_foundations
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
@@ -42,7 +42,16 @@ def test_both_recipes_write_weights_and_a_matching_manifest(foundations) -> None
     assert set(manifest["recipes"]) == set(recipes) == {"sam2", "vlm"}
     assert "track_JF" in manifest["recipes"]["sam2"]["metrics"]
     assert "qa_accuracy" in manifest["recipes"]["vlm"]["metrics"]
-    assert manifest["recipes"]["vlm"]["config"]["stage"]["_target_"].endswith("VLMPretrainStage")
+    assert manifest["recipes"]["vlm"]["phases"][-1]["stage"].endswith("VLMPretrainStage")
+
+
+def test_a_later_phase_starts_from_the_weights_the_phase_before_exported(foundations) -> None:
+    _, recipes = foundations
+    first, second = recipes["sam2"].phases
+    assert first.config["model"]["sam2"]["checkpoint"] is None  # the first phase starts from scratch
+    started_from = Path(second.config["model"]["sam2"]["checkpoint"])
+    assert started_from.name == SAM2_WEIGHTS and started_from.is_file()
+    assert first.config["data"]["num_frames"] == 1 and second.config["data"]["num_frames"] > 1
 
 
 def test_exported_weights_load_into_the_tiny_model_classes(foundations, compose, tokenizer) -> None:
@@ -56,5 +65,27 @@ def test_exported_weights_load_into_the_tiny_model_classes(foundations, compose,
         stored = load_file(out_dir / file_name)
         state = module.state_dict()
         assert stored and all(torch.equal(value, state[key]) for key, value in stored.items())
-    fresh = instantiate(compose().model.vlm, tokenizer=tokenizer)
+    fresh = instantiate(compose("model.vlm.weights=null").model.vlm, tokenizer=tokenizer)
     assert not torch.equal(vlm.model.lm_head.weight, fresh.model.lm_head.weight)
+
+
+SHIPPED_LIMIT_BYTES = 20 * 2**20  # the budget for both files together
+
+
+def test_shipped_foundations_match_their_manifest_and_are_what_the_default_model_loads(
+    compose, tokenizer
+) -> None:
+    manifest = verify_foundations(SHIPPED_DIR)
+    assert set(manifest["files"]) == {SAM2_WEIGHTS, VLM_WEIGHTS}
+    assert sum(entry["bytes"] for entry in manifest["files"].values()) <= SHIPPED_LIMIT_BYTES
+    for recipe in manifest["recipes"].values():
+        assert recipe["metrics"] and recipe["phases"][-1]["metrics"] == recipe["metrics"]
+    cfg = compose()
+    assert Path(cfg.model.sam2.checkpoint) == SHIPPED_DIR / SAM2_WEIGHTS
+    sam = instantiate(cfg.model.sam2)
+    vlm = instantiate(cfg.model.vlm, tokenizer=tokenizer)
+    for module, file_name in ((sam, SAM2_WEIGHTS), (vlm.model, VLM_WEIGHTS)):
+        stored = load_file(SHIPPED_DIR / file_name)
+        state = module.state_dict()
+        assert set(stored) <= set(state)
+        assert all(torch.equal(value, state[key]) for key, value in stored.items())

@@ -41,7 +41,8 @@ def test_forward_gives_every_mask_per_frame(model, batch) -> None:
     assert out.gate is not None and out.gate.shape == (B, T, size, size)
     assert ((out.gate >= 0) & (out.gate <= 1)).all()
     assert out.lm_loss is not None and out.lm_loss.ndim == 0 and torch.isfinite(out.lm_loss)
-    assert out.text_points.shape == (B, model.text_prompt.num_points, 2)
+    assert out.text_points.shape == (B, T, model.text_prompt.num_points, 2)
+    assert out.text_heatmap is None  # regressed points are not read from a heatmap
 
 
 def test_segment_text_gives_text_masks_and_points_inside_the_image(model, batch) -> None:
@@ -51,7 +52,7 @@ def test_segment_text_gives_text_masks_and_points_inside_the_image(model, batch)
             batch["frames"], batch["label_input_ids"], batch["label_attention_mask"]
         )
     assert logits.shape == (B, T, size, size)
-    assert prompt.tokens.shape == (B, model.text_prompt.num_points, model.sam.prompt_dim)
+    assert prompt.tokens.shape == (B * T, model.text_prompt.num_points, model.sam.prompt_dim)
     assert ((prompt.points >= 0) & (prompt.points <= size)).all()
 
 
@@ -200,6 +201,7 @@ def fake_output(target: torch.Tensor, lm_loss: torch.Tensor | None = None) -> De
         gate=None,
         lm_loss=lm_loss,
         text_points=None,
+        text_heatmap=None,
     )
 
 

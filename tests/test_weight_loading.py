@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from lightning_desa2va.foundations import (
     FoundationMismatchError,
+    Phase,
     Recipe,
     export_weights,
     verify_foundations,
@@ -97,11 +98,12 @@ def test_manifest_guards_the_weights_files(make_model, tmp_path) -> None:
         "sam2": export_weights(model.sam, tmp_path / "sam2.safetensors"),
         "vlm": export_weights(model.vlm.model, tmp_path / "vlm.safetensors"),
     }
-    recipe = Recipe(stage="sam2_pretrain", config={"seed": 0}, seed=0, metrics={"val/point_iou": 0.5})
+    phase = Phase(stage="sam2_pretrain", overrides=[], config={"seed": 0}, seed=0, metrics={"point_iou": 0.5})
+    recipe = Recipe(phases=[phase])
     write_manifest(tmp_path, {"sam2": recipe, "vlm": recipe}, weights)
     manifest = verify_foundations(tmp_path)
     assert set(manifest["files"]) == {"sam2.safetensors", "vlm.safetensors"}
-    assert manifest["recipes"]["sam2"]["metrics"] == {"val/point_iou": 0.5}
+    assert manifest["recipes"]["sam2"]["metrics"] == {"point_iou": 0.5}
 
     data = bytearray(weights["vlm"].read_bytes())
     data[-1] ^= 0xFF

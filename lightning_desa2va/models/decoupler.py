@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Literal
 
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+InputNorm = Literal["none", "layer", "batch"]
 
 
 @dataclass
@@ -51,12 +54,26 @@ class NoDecoupler(Decoupler):
         return embeddings.text.new_zeros(())
 
 
+def build_input_norm(kind: InputNorm, width: int) -> nn.Module:
+    """How the ``[SEG]`` state is normalised before it is split.
+
+    ``batch`` standardises every dimension across the batch: a VLM that was never trained on ``[SEG]``
+    gives nearly the same state for every expression (the shared part dwarfs the expression's), and
+    removing the shared part is what lets the prompt heads tell expressions apart (README, foundations).
+    """
+    if kind == "batch":
+        return nn.BatchNorm1d(width)
+    if kind == "layer":
+        return nn.LayerNorm(width)
+    return nn.Identity()
+
+
 class LinearDecoupler(Decoupler):
     """DeSa2VA's linear decoupling: two linear maps h → z_t and h → z_v."""
 
-    def __init__(self, in_dim: int, out_dim: int, normalize_input: bool = False) -> None:
+    def __init__(self, in_dim: int, out_dim: int, input_norm: InputNorm = "none") -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(in_dim) if normalize_input else nn.Identity()
+        self.norm = build_input_norm(input_norm, in_dim)
         self.to_text = nn.Linear(in_dim, out_dim)
         self.to_visual = nn.Linear(in_dim, out_dim)
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from lightning_desa2va.models.decoupler import Decoupler, SegEmbeddings
 from lightning_desa2va.models.fusion import FusedMask, Fusion
 from lightning_desa2va.models.sam2 import FrameFeatures, LanguagePromptedSAM2, MaskPrediction
-from lightning_desa2va.models.text_prompt import PointTextPrompt, TextPrompt
+from lightning_desa2va.models.text_prompt import TextPrompt, TextPromptHead
 from lightning_desa2va.models.visual_prompt import TokenVisualPrompt
 from lightning_desa2va.models.vlm import SegTokenVLM
 
@@ -30,7 +30,8 @@ class DeSa2VAOutput:
     embeddings: SegEmbeddings
     gate: Tensor | None
     lm_loss: Tensor | None
-    text_points: Tensor | None
+    text_points: Tensor | None  # [B, T, K, 2] in pixels
+    text_heatmap: Tensor | None  # [B, T, K, h, w] logits, for prompts found on the frame
 
 
 class DeSa2VA(nn.Module):
@@ -41,7 +42,7 @@ class DeSa2VA(nn.Module):
         vlm: SegTokenVLM,
         sam: LanguagePromptedSAM2,
         decoupler: Callable[..., Decoupler],
-        text_prompt: Callable[..., PointTextPrompt],
+        text_prompt: Callable[..., TextPromptHead],
         visual_prompt: Callable[..., TokenVisualPrompt],
         fusion: Callable[..., Fusion],
     ) -> None:
@@ -61,10 +62,9 @@ class DeSa2VA(nn.Module):
     def text_masks(
         self, features: FrameFeatures, z_text: Tensor, num_frames: int
     ) -> tuple[Tensor, TextPrompt]:
-        """Text mask logits [B·T, 1, H, W] from z_t [B, C], the same prompt on every frame of its clip."""
-        prompt = self.text_prompt(z_text, self.sam)
-        tokens = prompt.tokens.repeat_interleave(num_frames, dim=0)
-        return self.sam.decode_prompts(features, tokens).logits, prompt
+        """Text mask logits [B·T, 1, H, W] from z_t [B, C]: the clip's z_t prompts each of its frames."""
+        prompt = self.text_prompt(z_text.repeat_interleave(num_frames, dim=0), self.sam, features)
+        return self.sam.decode_prompts(features, prompt.tokens).logits, prompt
 
     def visual_masks(self, features: FrameFeatures, z_visual: Tensor, num_frames: int) -> MaskPrediction:
         """Visual mask prediction for every frame from z_v [B, C]."""
@@ -74,7 +74,8 @@ class DeSa2VA(nn.Module):
     def segment_text(
         self, frames: Tensor, input_ids: Tensor, attention_mask: Tensor
     ) -> tuple[Tensor, TextPrompt]:
-        """Stage 1: text-only VLM pass on the label prompt → z_t → text mask logits [B, T, H, W]."""
+        """Stage 1: text-only VLM pass on the label prompt → z_t → text mask logits [B, T, H, W] and the
+        text prompt of every frame (one row per frame, clip by clip, as the features)."""
         batch, num_frames = frames.shape[:2]
         seg_hidden = self.vlm(input_ids, attention_mask).seg_hidden
         z_text = self.decoupler(seg_hidden).text
@@ -111,6 +112,9 @@ class DeSa2VA(nn.Module):
         def clip_view(logits: Tensor) -> Tensor:
             return logits.view(batch, num_frames, *logits.shape[-2:])
 
+        def per_clip(rows: Tensor | None) -> Tensor | None:
+            return None if rows is None else rows.view(batch, num_frames, *rows.shape[1:])
+
         return DeSa2VAOutput(
             text_logits=clip_view(text_logits),
             visual_logits=clip_view(visual_logits),
@@ -118,5 +122,6 @@ class DeSa2VA(nn.Module):
             embeddings=embeddings,
             gate=None if fused.gate is None else clip_view(fused.gate),
             lm_loss=vlm_out.lm_loss,
-            text_points=prompt.points,
+            text_points=per_clip(prompt.points),
+            text_heatmap=per_clip(prompt.heatmap_logits),
         )

@@ -2,28 +2,48 @@
 
 Config group ``text_prompt``. ``points`` is DeSa2VA's point-level prompt: z_t predicts K points whose
 coordinates and labels SAM-2's own prompt encoder embeds, plus a content embedding per point so the
-prompt also carries what the text said, not only where.
+prompt also carries what the text said, not only where. ``grounded_points`` finds each point on the frame
+instead of regressing it: z_t scores every cell of SAM-2's image embedding and the point is the expected
+cell position, so a SAM-2 pretrained on clicks receives a click on the object the text describes.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
-from lightning_desa2va.models.sam2 import LanguagePromptedSAM2
+from lightning_desa2va.models.sam2 import FrameFeatures, LanguagePromptedSAM2
 
 
 @dataclass
 class TextPrompt:
-    """Sparse prompt tokens [B, K, C] and, for point prompts, the points in pixels [B, K, 2]."""
+    """Sparse prompt tokens [N, K, C], the points in pixels [N, K, 2] and, for grounded points, the
+    heatmap logits [N, K, h, w] they were read from (one row per frame)."""
 
     tokens: Tensor
     points: Tensor | None = None
+    heatmap_logits: Tensor | None = None
 
 
-class PointTextPrompt(nn.Module):
+class TextPromptHead(nn.Module, ABC):
+    """Base class: ``forward(z_t, sam, features)`` gives one :class:`TextPrompt` per frame."""
+
+    num_points: int
+
+    @abstractmethod
+    def forward(self, z_text: Tensor, sam: LanguagePromptedSAM2, features: FrameFeatures) -> TextPrompt:
+        """``z_text`` [N, C] for the N frames whose SAM-2 ``features`` are given."""
+
+    @staticmethod
+    def positive_labels(points: Tensor) -> Tensor:
+        return torch.ones(points.shape[:2], dtype=torch.int32, device=points.device)
+
+
+class PointTextPrompt(TextPromptHead):
     """z_t → K positive point prompts (SAM-2 prompt encoder) + K content embeddings."""
 
     def __init__(self, in_dim: int, prompt_dim: int, num_points: int) -> None:
@@ -32,9 +52,65 @@ class PointTextPrompt(nn.Module):
         self.to_coords = nn.Linear(in_dim, num_points * 2)
         self.to_content = nn.Linear(in_dim, num_points * prompt_dim)
 
-    def forward(self, z_text: Tensor, sam: LanguagePromptedSAM2) -> TextPrompt:
+    def forward(self, z_text: Tensor, sam: LanguagePromptedSAM2, features: FrameFeatures) -> TextPrompt:
+        """Points from z_t alone: the frame's ``features`` are not looked at."""
         batch = z_text.shape[0]
         coords = torch.sigmoid(self.to_coords(z_text)).view(batch, self.num_points, 2) * sam.image_size
-        labels = torch.ones(batch, self.num_points, dtype=torch.int32, device=z_text.device)
         content = self.to_content(z_text).view(batch, self.num_points, -1)
-        return TextPrompt(tokens=sam.embed_points(coords, labels) + content, points=coords)
+        return TextPrompt(
+            tokens=sam.embed_points(coords, self.positive_labels(coords)) + content, points=coords
+        )
+
+
+class GroundedPointTextPrompt(TextPromptHead):
+    """z_t → K points found on the frame.
+
+    Every cell of the stride-8 feature grid (SAM-2's image embedding, with its positional encoding so z_t
+    can also say *where*, upsampled and joined with the decoder's stride-8 high-resolution features) is
+    scored against z_t by a small additive-attention MLP; each point is the centre of its heatmap's best
+    cell. The content embeddings start at zero, so the first clicks are exactly what SAM-2 was trained on.
+    The stride-16 grid alone is too coarse: a small object straddles cells.
+    """
+
+    def __init__(self, in_dim: int, prompt_dim: int, num_points: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.num_points = num_points
+        # SAM-2's mask decoder projects its stride-8 features to prompt_dim // 4 channels (conv_s1).
+        key_channels = prompt_dim + prompt_dim // 4
+        self.to_keys = nn.Conv2d(key_channels, hidden_dim, kernel_size=1)
+        self.to_query = nn.Linear(in_dim, hidden_dim)
+        self.to_heatmap = nn.Conv2d(hidden_dim, num_points, kernel_size=1)
+        self.to_content = nn.Linear(in_dim, num_points * prompt_dim)
+        nn.init.zeros_(self.to_content.weight)
+        nn.init.zeros_(self.to_content.bias)
+
+    def forward(self, z_text: Tensor, sam: LanguagePromptedSAM2, features: FrameFeatures) -> TextPrompt:
+        fine = features.high_res_features[-1]
+        coarse = features.image_embeddings + sam.sam_prompt_encoder.get_dense_pe().to(fine.dtype)
+        coarse = F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear", align_corners=False)
+        hidden = self.to_keys(torch.cat([coarse, fine], dim=1)) + self.to_query(z_text)[:, :, None, None]
+        heatmap = self.to_heatmap(torch.relu(hidden))
+        rows, cols = heatmap.shape[-2:]
+        coords = self.click_positions(
+            heatmap.flatten(2), self.cell_centres(rows, cols, sam.image_size, heatmap.device)
+        )
+        content = self.to_content(z_text).view(z_text.shape[0], self.num_points, -1)
+        tokens = sam.embed_points(coords, self.positive_labels(coords)) + content
+        return TextPrompt(tokens=tokens, points=coords, heatmap_logits=heatmap)
+
+    @staticmethod
+    def click_positions(heatmap: Tensor, centres: Tensor) -> Tensor:
+        """The centre of each heatmap's best cell [N, K, 2], with the gradient of the softmax-weighted mean
+        (straight-through): a mean alone lands between two candidate objects, on neither."""
+        weights = heatmap.softmax(-1)
+        soft = weights @ centres
+        hard = centres[heatmap.argmax(-1)]
+        return hard + soft - soft.detach()
+
+    @staticmethod
+    def cell_centres(rows: int, cols: int, image_size: int, device: torch.device) -> Tensor:
+        """Pixel (x, y) of every cell centre of a rows × cols grid over the image [rows·cols, 2]."""
+        ys = (torch.arange(rows, device=device) + 0.5) * image_size / rows
+        xs = (torch.arange(cols, device=device) + 0.5) * image_size / cols
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        return torch.stack([grid_x, grid_y], dim=-1).flatten(0, 1)

@@ -13,11 +13,12 @@ from torch import Tensor
 
 from lightning_desa2va.losses import TripleSupervisionLoss
 from lightning_desa2va.models.desa2va import DeSa2VA
+from lightning_desa2va.models.text_prompt import TextPrompt
 from lightning_desa2va.stages.base import Optimizer, SegmentationStage
 
 
 class TextPretrainStage(SegmentationStage):
-    """Label text → point prompts → SAM-2 → text mask; hybrid mask loss."""
+    """Label text → point prompts → SAM-2 → text mask; hybrid mask loss (+ point loss when grounded)."""
 
     label = "stage 1 (text mask)"
 
@@ -30,16 +31,26 @@ class TextPretrainStage(SegmentationStage):
         num_overlays: int,
     ) -> None:
         super().__init__(model, optimizer, train_modules, num_overlays)
-        self.mask_loss = loss.mask
+        self.loss = loss
         self.select_trainable()
 
-    def predict_logits(self, batch: dict[str, Any]) -> Tensor:
-        logits, _ = self.model.segment_text(
+    def segment(self, batch: dict[str, Any]) -> tuple[Tensor, TextPrompt]:
+        return self.model.segment_text(
             batch["frames"], batch["label_input_ids"], batch["label_attention_mask"]
         )
-        return logits
+
+    def predict_logits(self, batch: dict[str, Any]) -> Tensor:
+        return self.segment(batch)[0]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss = self.check_finite(self.mask_loss(self.predict_logits(batch), batch["target_masks"]), batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["expression"]))
-        return loss
+        logits, prompt = self.segment(batch)
+        heatmap = None
+        if prompt.heatmap_logits is not None:
+            heatmap = prompt.heatmap_logits.view(*logits.shape[:2], *prompt.heatmap_logits.shape[1:])
+        losses = self.loss.text_only(logits, heatmap, batch["target_masks"])
+        batch_size = len(batch["expression"])
+        self.log("train/loss", self.check_finite(losses.total, batch), prog_bar=True, batch_size=batch_size)
+        self.log_dict(
+            {f"train/loss_{name}": value for name, value in losses.terms.items()}, batch_size=batch_size
+        )
+        return losses.total
