@@ -181,6 +181,15 @@ def test_linear_decoupler_splits_into_two_embeddings() -> None:
     assert decoupler.to_text.weight.grad.abs().sum() > 0
 
 
+def test_batch_input_norm_removes_the_state_every_expression_shares() -> None:
+    torch.manual_seed(0)
+    shared, own = 10 * torch.randn(1, 16), 0.01 * torch.randn(4, 16)  # near-identical [SEG] states
+    decoupler = LinearDecoupler(in_dim=16, out_dim=8, input_norm="batch")
+    normalised = decoupler.norm(shared + own)
+    assert normalised.mean(0).abs().max() < 1e-3
+    assert normalised.std(0).min() > 0.5  # the expressions' own parts now carry the signal
+
+
 def test_orthogonality_penalty_is_zero_for_orthogonal_and_one_for_parallel_embeddings() -> None:
     decoupler = LinearDecoupler(in_dim=2, out_dim=2)
     text = torch.tensor([[1.0, 0.0], [0.0, 2.0]])

@@ -70,3 +70,27 @@ def test_stage_1_loss_adds_the_weighted_point_loss_to_the_text_mask_loss() -> No
     expected = loss.mask(logits, target) + 0.3 * point_loss(heatmap, target)
     assert torch.allclose(result.total, expected)
     assert set(result.terms) == {"text", "point"}
+
+
+def test_a_single_click_is_decoded_as_sam2_does_keeping_its_best_rated_candidate(grounded, make_batch):
+    batch = make_batch(grounded, ["the red circle"], num_frames=2)
+    sam = grounded.sam
+    with torch.no_grad():
+        features = sam.encode_frames(batch["frames"].flatten(0, 1))
+        click = torch.tensor([[[40.0, 50.0]], [[40.0, 50.0]]])
+        tokens = sam.embed_points(click, torch.ones(2, 1, dtype=torch.int32))
+        chosen = sam.decode_prompts(features, tokens, multimask=True)
+        _, dense = sam.sam_prompt_encoder(points=None, boxes=None, masks=None)
+        _, candidate_ious, _, _ = sam.sam_mask_decoder(
+            image_embeddings=features.image_embeddings,
+            image_pe=sam.sam_prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=tokens,
+            dense_prompt_embeddings=dense.expand(2, -1, -1, -1),
+            multimask_output=True,
+            repeat_image=False,
+            high_res_features=features.high_res_features,
+        )
+    assert chosen.logits.shape == (2, 1, sam.image_size, sam.image_size)
+    assert candidate_ious.shape[1] > 1
+    assert torch.allclose(chosen.iou[:, 0], candidate_ious.max(dim=1).values)
+    assert GroundedPointTextPrompt(8, 8, num_points=1, hidden_dim=8).single_click

@@ -64,7 +64,8 @@ class DeSa2VA(nn.Module):
     ) -> tuple[Tensor, TextPrompt]:
         """Text mask logits [B·T, 1, H, W] from z_t [B, C]: the clip's z_t prompts each of its frames."""
         prompt = self.text_prompt(z_text.repeat_interleave(num_frames, dim=0), self.sam, features)
-        return self.sam.decode_prompts(features, prompt.tokens).logits, prompt
+        masks = self.sam.decode_prompts(features, prompt.tokens, multimask=self.text_prompt.single_click)
+        return masks.logits, prompt
 
     def visual_masks(self, features: FrameFeatures, z_visual: Tensor, num_frames: int) -> MaskPrediction:
         """Visual mask prediction for every frame from z_v [B, C]."""

@@ -41,6 +41,7 @@ class FrameFeatures:
 
     image_embeddings: Tensor  # [N, C, h, w], lowest resolution level with ``no_mem_embed`` added
     high_res_features: list[Tensor]  # the two finer levels, already projected by the mask decoder
+    frames: Tensor  # [N, 3, H, W], the normalised frames the features came from
 
 
 @dataclass
@@ -111,10 +112,16 @@ class LanguagePromptedSAM2(SAM2Base):
             feat.permute(1, 2, 0).reshape(feat.shape[1], feat.shape[2], *size)
             for feat, size in zip(vision_feats, feat_sizes, strict=True)
         ]
-        return FrameFeatures(image_embeddings=maps[-1], high_res_features=maps[:-1])
+        return FrameFeatures(image_embeddings=maps[-1], high_res_features=maps[:-1], frames=frames)
 
-    def decode_prompts(self, features: FrameFeatures, sparse_prompts: Tensor) -> MaskPrediction:
-        """Decode one mask per frame from sparse prompt embeddings [N, K, C]."""
+    def decode_prompts(
+        self, features: FrameFeatures, sparse_prompts: Tensor, multimask: bool = False
+    ) -> MaskPrediction:
+        """Decode one mask per frame from sparse prompt embeddings [N, K, C].
+
+        ``multimask``: decode SAM-2's candidate masks and keep the one its IoU head rates best, as SAM-2
+        itself does for a single click (its single-mask output is trained for unambiguous prompts only).
+        """
         num_frames = features.image_embeddings.shape[0]
         if sparse_prompts.shape[0] != num_frames or sparse_prompts.shape[-1] != self.prompt_dim:
             raise ValueError(
@@ -127,10 +134,14 @@ class LanguagePromptedSAM2(SAM2Base):
             image_pe=self.sam_prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse_prompts.to(features.image_embeddings.dtype),
             dense_prompt_embeddings=dense.expand(num_frames, -1, -1, -1),
-            multimask_output=False,
+            multimask_output=multimask,
             repeat_image=False,
             high_res_features=features.high_res_features,
         )
+        if multimask:
+            best = iou.argmax(dim=1, keepdim=True)
+            low_res = low_res.gather(1, best[:, :, None, None].expand(-1, -1, *low_res.shape[-2:]))
+            iou = iou.gather(1, best)
         logits = F.interpolate(
             low_res.float(), size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
         )

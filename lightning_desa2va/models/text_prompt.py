@@ -29,10 +29,18 @@ class TextPrompt:
     heatmap_logits: Tensor | None = None
 
 
+RGB_CHANNELS = 3
+
+
 class TextPromptHead(nn.Module, ABC):
     """Base class: ``forward(z_t, sam, features)`` gives one :class:`TextPrompt` per frame."""
 
     num_points: int
+
+    @property
+    def single_click(self) -> bool:
+        """Whether the prompt is one click on the frame, which SAM-2 decodes as an ambiguous prompt."""
+        return False
 
     @abstractmethod
     def forward(self, z_text: Tensor, sam: LanguagePromptedSAM2, features: FrameFeatures) -> TextPrompt:
@@ -65,18 +73,19 @@ class PointTextPrompt(TextPromptHead):
 class GroundedPointTextPrompt(TextPromptHead):
     """z_t → K points found on the frame.
 
-    Every cell of the stride-8 feature grid (SAM-2's image embedding, with its positional encoding so z_t
-    can also say *where*, upsampled and joined with the decoder's stride-8 high-resolution features) is
-    scored against z_t by a small additive-attention MLP; each point is the centre of its heatmap's best
-    cell. The content embeddings start at zero, so the first clicks are exactly what SAM-2 was trained on.
-    The stride-16 grid alone is too coarse: a small object straddles cells.
+    Every cell of the stride-8 grid is scored against z_t by a small additive-attention MLP; a cell is
+    described by SAM-2's image embedding (with its positional encoding, so z_t can also say *where*),
+    the decoder's stride-8 high-resolution features and the frame's mean colour there (a SAM-2 trained
+    only for class-agnostic masks keeps little colour). Each point is the centre of its heatmap's best
+    cell; the stride-16 grid alone is too coarse, a small object straddles its cells. The content
+    embeddings start at zero, so the first clicks are exactly what SAM-2 was pretrained on.
     """
 
     def __init__(self, in_dim: int, prompt_dim: int, num_points: int, hidden_dim: int) -> None:
         super().__init__()
         self.num_points = num_points
         # SAM-2's mask decoder projects its stride-8 features to prompt_dim // 4 channels (conv_s1).
-        key_channels = prompt_dim + prompt_dim // 4
+        key_channels = prompt_dim + prompt_dim // 4 + RGB_CHANNELS
         self.to_keys = nn.Conv2d(key_channels, hidden_dim, kernel_size=1)
         self.to_query = nn.Linear(in_dim, hidden_dim)
         self.to_heatmap = nn.Conv2d(hidden_dim, num_points, kernel_size=1)
@@ -84,11 +93,18 @@ class GroundedPointTextPrompt(TextPromptHead):
         nn.init.zeros_(self.to_content.weight)
         nn.init.zeros_(self.to_content.bias)
 
+    @property
+    def single_click(self) -> bool:
+        return self.num_points == 1
+
     def forward(self, z_text: Tensor, sam: LanguagePromptedSAM2, features: FrameFeatures) -> TextPrompt:
         fine = features.high_res_features[-1]
         coarse = features.image_embeddings + sam.sam_prompt_encoder.get_dense_pe().to(fine.dtype)
         coarse = F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear", align_corners=False)
-        hidden = self.to_keys(torch.cat([coarse, fine], dim=1)) + self.to_query(z_text)[:, :, None, None]
+        colours = F.adaptive_avg_pool2d(features.frames.to(fine.dtype), fine.shape[-2:])
+        hidden = (
+            self.to_keys(torch.cat([coarse, fine, colours], dim=1)) + self.to_query(z_text)[:, :, None, None]
+        )
         heatmap = self.to_heatmap(torch.relu(hidden))
         rows, cols = heatmap.shape[-2:]
         coords = self.click_positions(
