@@ -39,19 +39,40 @@ class Decoupler(nn.Module, ABC):
 class NoDecoupler(Decoupler):
     """Sa2VA's projection: one MLP h → z shared by both prompt paths (nothing decoupled)."""
 
-    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0) -> None:
+    def __init__(
+        self, in_dim: int, out_dim: int, dropout: float = 0.0, input_norm: InputNorm = "none"
+    ) -> None:
         super().__init__()
+        self.norm = build_input_norm(input_norm, in_dim)
         self.project = nn.Sequential(
             nn.Linear(in_dim, in_dim), nn.ReLU(), nn.Linear(in_dim, out_dim), nn.Dropout(dropout)
         )
 
     def forward(self, seg_hidden: Tensor) -> SegEmbeddings:
-        z = self.project(seg_hidden)
+        z = self.project(self.norm(seg_hidden))
         return SegEmbeddings(text=z, visual=z)
 
     def orthogonality_penalty(self, embeddings: SegEmbeddings) -> Tensor:
         """One shared embedding has no second subspace to keep apart."""
         return embeddings.text.new_zeros(())
+
+
+class BatchStandardize(nn.BatchNorm1d):
+    """Batch normalisation of [B, d] states that uses its running statistics for a batch of one (a single
+    state has nothing to be standardised against; plain BatchNorm raises in training)."""
+
+    def forward(self, states: Tensor) -> Tensor:
+        if self.training and states.shape[0] == 1:
+            return F.batch_norm(
+                states,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                training=False,
+                eps=self.eps,
+            )
+        return super().forward(states)
 
 
 def build_input_norm(kind: InputNorm, width: int) -> nn.Module:
@@ -62,7 +83,7 @@ def build_input_norm(kind: InputNorm, width: int) -> nn.Module:
     removing the shared part is what lets the prompt heads tell expressions apart (README, foundations).
     """
     if kind == "batch":
-        return nn.BatchNorm1d(width)
+        return BatchStandardize(width)
     if kind == "layer":
         return nn.LayerNorm(width)
     return nn.Identity()
