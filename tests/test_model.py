@@ -190,6 +190,16 @@ def test_batch_input_norm_removes_the_state_every_expression_shares() -> None:
     assert normalised.std(0).min() > 0.5  # the expressions' own parts now carry the signal
 
 
+def test_batch_input_norm_takes_a_training_batch_of_one_with_its_running_statistics() -> None:
+    decoupler = LinearDecoupler(in_dim=16, out_dim=8, input_norm="batch").train()
+    decoupler(torch.randn(4, 16))  # updates the running statistics
+    single = torch.randn(1, 16)
+    expected = (single - decoupler.norm.running_mean) / (
+        decoupler.norm.running_var + decoupler.norm.eps
+    ).sqrt()
+    assert torch.allclose(decoupler.norm(single), expected, atol=1e-5)
+
+
 def test_orthogonality_penalty_is_zero_for_orthogonal_and_one_for_parallel_embeddings() -> None:
     decoupler = LinearDecoupler(in_dim=2, out_dim=2)
     text = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
