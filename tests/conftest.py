@@ -6,7 +6,8 @@ test modules that need none of them (``tests/data``, metrics) do not pay for the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +156,20 @@ def fit_on_batch() -> Callable[..., tuple[Any, list[float]]]:
         return trainer, recorder.losses
 
     return _fit
+
+
+@pytest.fixture(scope="session")
+def in_scratch_folder() -> Callable[[Path], AbstractContextManager[str]]:
+    """``with in_scratch_folder(root) as store:`` runs a job with ``root`` as its working folder (relative
+    data/, outputs/, mlruns/ land there); ``store`` is the ``logger.tracking_uri`` override of an MLflow
+    store in it, absolute because MLflow caches stores by URI (a relative one would reach another test's).
+    """
+
+    @contextmanager
+    def _enter(root: Path) -> Iterator[str]:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(root)
+            patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+            yield f"logger.tracking_uri=sqlite:///{root / 'mlflow.db'}"
+
+    return _enter

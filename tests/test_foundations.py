@@ -25,12 +25,9 @@ TINY_RECIPES = [
 
 
 @pytest.fixture(scope="module")
-def foundations(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def foundations(tmp_path_factory: pytest.TempPathFactory, in_scratch_folder) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("pretrain")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        store = f"logger.tracking_uri=sqlite:///{root / 'mlflow.db'}"  # absolute: MLflow caches stores by URI
+    with in_scratch_folder(root) as store:
         recipes = pretrain_foundations([*TINY_RECIPES, store], root / "weights", EXPERIMENTS_DIR)
     return root / "weights", recipes
 

@@ -31,14 +31,11 @@ TINY_RUN = [
 
 
 @pytest.fixture(scope="module")
-def demo_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, tuple]:
-    """Run the demo once in a scratch folder (relative paths data/, outputs/, mlruns/ land there)."""
+def demo_store(tmp_path_factory: pytest.TempPathFactory, in_scratch_folder) -> tuple[Path, tuple]:
+    """Run the demo once in a scratch folder."""
     root = tmp_path_factory.mktemp("demo")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        # An absolute store URI: MLflow caches stores by URI, so a relative one would reach another test's.
-        runs = run_demo([*TINY_RUN, f"logger.tracking_uri=sqlite:///{root / 'mlflow.db'}"], EXPERIMENTS_DIR)
+    with in_scratch_folder(root) as store:
+        runs = run_demo([*TINY_RUN, store], EXPERIMENTS_DIR)
     return root, runs
 
 
