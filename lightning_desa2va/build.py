@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import lightning.pytorch as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
@@ -53,8 +54,11 @@ def build_datamodule(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, model:
 
 
 def build_components(cfg: DictConfig) -> Components:
-    """Seed, then build tokenizer, model, data and the configured stage around the model."""
+    """Seed (and pin the CPU threads when configured), then build tokenizer, model, data and the
+    configured stage around the model."""
     pl.seed_everything(cfg.seed, workers=True)
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)  # the reduction order, so the bits, depend on the count
     tokenizer = instantiate(cfg.model.tokenizer)
     model = build_model(cfg, tokenizer)
     stage = instantiate(cfg.stage, model=model, loss=instantiate(cfg.loss))

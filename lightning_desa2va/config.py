@@ -77,6 +77,7 @@ class RunConfig:
     synthetic: SyntheticShardsConfig = field(default_factory=lambda: SyntheticShardsConfig())
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
+    num_threads: int | None = None
     resume_from: str | None = None
 
 

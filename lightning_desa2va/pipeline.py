@@ -185,7 +185,7 @@ def pretrain_foundations(
         phases: list[Phase] = []
         start: list[str] = []
         for index, phase_overrides in enumerate(recipe[name].phases, start=1):
-            phase_overrides = [*phase_overrides, *start, *overrides]
+            phase_overrides = [*recipe.get("common", []), *phase_overrides, *start, *overrides]
             cfg = compose_config(phase_overrides, experiments_dir)
             log.info(
                 "%s phase %d of %d: %s", name, index, len(recipe[name].phases), " ".join(phase_overrides)

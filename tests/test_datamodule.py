@@ -211,3 +211,27 @@ def test_missing_data_dir_fails_naming_it(make_model, tokenizer, tmp_path: Path)
     for loader in (datamodule.train_dataloader, datamodule.val_dataloader, datamodule.test_dataloader):
         with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
             loader()
+
+
+def training_order(make_model, tokenizer, data_dir: Path, seed: int, epochs: int) -> list[list[str]]:
+    """(video, expression) order of a fresh datamodule's training epochs, for a run seeded with ``seed``."""
+    cfg, model = make_model(f"paths.data_dir={data_dir}", "data.num_workers=0", f"seed={seed}")
+    loader = build_datamodule(cfg, tokenizer, model).train_dataloader()
+    return [
+        [
+            f"{video}/{text}"
+            for batch in loader
+            for video, text in zip(batch["video_id"], batch["expression"], strict=True)
+        ]
+        for _ in range(epochs)
+    ]
+
+
+def test_training_order_is_fixed_by_the_seed_and_changes_between_epochs(
+    make_model, tokenizer, data_dir
+) -> None:
+    first = training_order(make_model, tokenizer, data_dir, seed=0, epochs=2)
+    assert training_order(make_model, tokenizer, data_dir, seed=0, epochs=2) == first
+    assert first[0] != first[1]
+    assert sorted(first[0]) == sorted(first[1])
+    assert training_order(make_model, tokenizer, data_dir, seed=1, epochs=1)[0] != first[0]

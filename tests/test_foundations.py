@@ -42,6 +42,21 @@ def test_both_recipes_write_weights_and_a_matching_manifest(foundations) -> None
     assert manifest["recipes"]["vlm"]["phases"][-1]["stage"].endswith("VLMPretrainStage")
 
 
+def test_the_recipe_reproduces_its_weights_bit_for_bit(
+    foundations, tmp_path_factory: pytest.TempPathFactory, in_scratch_folder
+) -> None:
+    """Seeded data order and pinned CPU threads: a second run of the recipe writes the same files."""
+    out_dir, _ = foundations
+    root = tmp_path_factory.mktemp("pretrain_again")
+    with in_scratch_folder(root) as store:
+        pretrain_foundations([*TINY_RECIPES, store], root / "weights", EXPERIMENTS_DIR)
+    first, again = verify_foundations(out_dir), verify_foundations(root / "weights")
+    assert again["files"] == first["files"]
+    assert {name: recipe["metrics"] for name, recipe in again["recipes"].items()} == {
+        name: recipe["metrics"] for name, recipe in first["recipes"].items()
+    }
+
+
 def test_a_later_phase_starts_from_the_weights_the_phase_before_exported(foundations) -> None:
     _, recipes = foundations
     first, second = recipes["sam2"].phases

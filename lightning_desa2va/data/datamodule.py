@@ -156,6 +156,7 @@ class RefVOSDataModule(pl.LightningDataModule):
         pixel_mean: list[float],
         pixel_std: list[float],
         on_error: str = "raise",
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.data_dir = Path(data_dir)
@@ -165,6 +166,7 @@ class RefVOSDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
         self.on_error = on_error
+        self.seed = seed
         self.skips = SkipCounter()
         chat_encoder = ChatEncoder(tokenizer, ChatTemplates(**chat), image_tokens)
         sizes = {"sam_image_size": sam_image_size, "vlm_image_size": vlm_image_size}
@@ -183,10 +185,12 @@ class RefVOSDataModule(pl.LightningDataModule):
         encoder = self.train_encoder if training else self.eval_encoder
         urls = split_urls(self.data_dir, split)
         handler = error_handler(self.on_error, urls, self.skips)
-        return (
+        samples = (
             wds.WebDataset(
                 urls,
                 shardshuffle=len(urls) if training else False,
+                detshuffle=True,
+                seed=self.seed,
                 nodesplitter=wds.split_by_node,
                 workersplitter=wds.split_by_worker,
                 handler=handler,
@@ -194,9 +198,12 @@ class RefVOSDataModule(pl.LightningDataModule):
             )
             .map(decode_sample, handler=handler)
             .compose(expand_expressions)
-            .shuffle(self.shuffle_buffer if training else 0)
-            .map(lambda pair: encoder(*pair), handler=handler)
         )
+        if training and self.shuffle_buffer > 0:
+            # Seeded by ``seed`` and the epoch, so that a run sees the same order again (webdataset's
+            # plain shuffle seeds itself from the clock).
+            samples = samples.compose(wds.detshuffle(self.shuffle_buffer, seed=self.seed))
+        return samples.map(lambda pair: encoder(*pair), handler=handler)
 
     def _loader(self, split: str, batch_size: int) -> DataLoader:
         return DataLoader(
