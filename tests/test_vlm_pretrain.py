@@ -1,4 +1,5 @@
-"""VLM pre-training: captions from objects, caption + QA chats, the answer scores and the stage itself."""
+"""VLM pre-training: captions from objects, caption + QA chats, the answer scores, the referent objective
+and the stage itself."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from lightning_desa2va.data.schema import ObjectTrack, QAPair
 from lightning_desa2va.data.synthetic import SyntheticConfig, generate_video
 from lightning_desa2va.models.tokenizer import IMAGE_CONTEXT_TOKEN, TURN_END_TOKEN, UNK_TOKEN
 from lightning_desa2va.stages.base import NonFiniteLossError
+from lightning_desa2va.stages.referent import referent_hits, referent_loss, referent_rows
 from lightning_desa2va.stages.vlm_pretrain import (
     METRIC_NAMES,
     NoAnswersError,
@@ -195,3 +197,59 @@ def test_nan_loss_and_missing_answers_raise_naming_the_videos(make_model, tokeni
     with pytest.raises(NonFiniteLossError, match="nan") as caught, torch.no_grad():
         stage.training_step(batch, 0)
     assert "video-0" in str(caught.value) and "video-1" in str(caught.value)
+
+
+VOCAB = 6
+
+
+def test_referent_words_are_the_targets_colour_and_shape_each_once(tokenizer) -> None:
+    chat = ChatEncoder(tokenizer, ChatTemplates(), image_tokens=1)
+    words = tokenizer.convert_ids_to_tokens(chat.referent_words(OBJECTS, [2, 3]).tolist())
+    assert sorted(words) == ["blue", "square"]
+    words = tokenizer.convert_ids_to_tokens(chat.referent_words(OBJECTS, [1, 2]).tolist())
+    assert sorted(words) == ["blue", "circle", "red", "square"]
+    unannotated = [ObjectTrack(id=1), *OBJECTS[1:]]
+    assert chat.referent_words(unannotated, [1, 2]).numel() == 0
+
+
+def test_referent_loss_and_hits_score_only_the_rows_with_words() -> None:
+    word_ids = torch.tensor([[1, 3], [2, IGNORE_INDEX], [IGNORE_INDEX, IGNORE_INDEX]])
+    confident = torch.full((3, VOCAB), -20.0)
+    confident[0, [1, 3]] = 20.0
+    confident[1, 2] = 20.0
+    assert referent_rows(word_ids).tolist() == [True, True, False]
+    assert referent_loss(confident, word_ids) == pytest.approx(math.log(2) / 2, abs=1e-4)
+    assert referent_loss(torch.zeros(3, VOCAB), word_ids) == pytest.approx(math.log(VOCAB))
+    assert referent_hits(confident, word_ids).tolist() == [True, True, False]
+    wrong = confident.clone()
+    wrong[0, 3], wrong[0, 4] = -20.0, 20.0
+    assert referent_hits(wrong, word_ids).tolist() == [False, True, False]
+    assert referent_loss(confident, torch.full((3, 2), IGNORE_INDEX)) is None
+
+
+@pytest.mark.filterwarnings("ignore:The '(train|val)_dataloader' does not have many workers")
+def test_the_stage_teaches_the_seg_state_its_referent_without_exporting_the_head(
+    make_model, tokenizer, build_stage, fit_on_batch, tmp_path
+) -> None:
+    cfg, model = make_model(
+        "stage=vlm_pretrain",
+        f"stage.optimizer.lr={LEARNING_RATE}",
+        "stage.scheduler=null",
+        "stage.w_referent=1",
+    )
+    stage = build_stage(cfg, model)
+    batch = clip_batch(model, tokenizer, [0, 1, 2], expressions_per_clip=3)
+    with torch.no_grad():
+        before = float(stage.referent_pass(batch))
+    trainer, _ = fit_on_batch(stage, batch, 12, tmp_path, val_batch=batch, val_check_interval=12)
+    with torch.no_grad():
+        after = float(stage.referent_pass(batch))
+    assert after < 0.5 * before, (before, after)
+    for name in ("referent_accuracy", "referent_accuracy_label"):
+        assert 0.0 <= float(trainer.callback_metrics[f"val/{name}"]) <= 1.0
+    assert not any(key.startswith("referent_head") for key in model.state_dict())
+
+
+def test_without_the_referent_weight_the_stage_has_no_head(make_model, build_stage) -> None:
+    cfg, model = make_model("stage=vlm_pretrain", "stage.w_referent=0")
+    assert build_stage(cfg, model).referent_head is None

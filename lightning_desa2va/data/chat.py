@@ -15,7 +15,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from lightning_desa2va.data.captions import CaptionTemplates
-from lightning_desa2va.data.schema import QAPair
+from lightning_desa2va.data.schema import ObjectTrack, QAPair
 from lightning_desa2va.models.tokenizer import (
     ASSISTANT_ROLE,
     IMAGE_CONTEXT_TOKEN,
@@ -88,6 +88,15 @@ class ChatEncoder:
         return self._encode(
             [(self.templates.segment_question.format(expression=label), self.templates.segment_answer)]
         )
+
+    def referent_words(self, objects: list[ObjectTrack], object_ids: list[int]) -> Tensor:
+        """Token ids of the colour and shape words of the referred objects (VLM pre-training's referent
+        objective), each once; empty when any of them lacks those attributes (real datasets)."""
+        targets = [track for track in objects if track.id in object_ids]
+        if not targets or not all(track.colour and track.shape for track in targets):
+            return torch.zeros(0, dtype=torch.long)
+        words = " ".join(f"{track.colour} {track.shape}" for track in targets)
+        return torch.tensor(sorted(set(self._ids(words))), dtype=torch.long)
 
     def _images(self, num_frames: int) -> str:
         image = IMAGE_START_TOKEN + IMAGE_CONTEXT_TOKEN * self.image_tokens + IMAGE_END_TOKEN

@@ -77,7 +77,8 @@ class TrainingStage(pl.LightningModule):
         return sum(p.numel() for p in self.model.parameters())
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
+        """The trainable model parameters and any head the stage itself holds (e.g. a pre-training probe)."""
+        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
         if self.scheduler_factory is None:
             return optimizer
         scheduler = {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}

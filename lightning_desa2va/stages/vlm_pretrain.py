@@ -6,7 +6,8 @@ pretrained on image-text data, the embedded default first trains its VLM with th
 a caption of the frames (every object by colour, shape and motion) and on the clip's QA answers, so its
 hidden states carry appearance and motion. Validation reports the LM loss, teacher-forced accuracies (per
 answer token, per caption, per QA answer and per question kind) and a probe of whether the ``[SEG]``
-state of the segmentation prompt separates the expressions of one clip.
+state of the segmentation prompt separates the expressions of one clip. With ``w_referent`` > 0 the
+``[SEG]`` state also learns to name the referred object (:mod:`lightning_desa2va.stages.referent`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from torch.nn import functional as F
 from torchmetrics import MeanMetric
 
 from lightning_desa2va.data.chat import IGNORE_INDEX
+from lightning_desa2va.data.schema import EXPRESSION_TYPES
 from lightning_desa2va.models.desa2va import DeSa2VA
 from lightning_desa2va.stages.base import Optimizer, Scheduler, TrainingStage
+from lightning_desa2va.stages.referent import ReferentWordsHead, referent_hits, referent_loss, referent_rows
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,9 @@ OTHER_KIND = "other"
 VAL, TEST = "val", "test"
 METRIC_NAMES = ("lm_loss", "answer_token_accuracy", "caption_accuracy", "qa_accuracy", "seg_state_separation")
 """What validation and test log (plus ``qa_accuracy/<kind>`` per configured question kind)."""
+REFERENT_FRAMES, REFERENT_LABEL = "referent_accuracy", "referent_accuracy_label"
+"""With the referent objective: top words of the ``[SEG]`` state of the expression with its frames (also
+per expression type, ``referent_accuracy/<type>``) and of the text-only label prompt."""
 
 
 @dataclass
@@ -114,11 +120,18 @@ class VLMPretrainStage(TrainingStage):
         qa_kinds: dict[str, list[str]] | None = None,
         scheduler: Scheduler | None = None,
         seg_probe: bool = True,
+        w_referent: float = 0.0,
         loss: object | None = None,
     ) -> None:
         super().__init__(model, optimizer, train_modules if train_modules is not None else ["vlm"], scheduler)
         self.qa_kinds = dict(qa_kinds or {})
         self.seg_probe = seg_probe
+        self.w_referent = w_referent
+        self.referent_head = (
+            ReferentWordsHead(model.vlm.hidden_size, model.vlm.model.get_output_embeddings().out_features)
+            if w_referent > 0
+            else None
+        )
         self.metrics = nn.ModuleDict({split: self._split_metrics() for split in (VAL, TEST)})
         self._seen_videos: set[str] = set()
         self._captionless_warned = False
@@ -126,6 +139,8 @@ class VLMPretrainStage(TrainingStage):
 
     def _split_metrics(self) -> nn.ModuleDict:
         names = [*METRIC_NAMES, *(f"qa_accuracy/{kind}" for kind in [*self.qa_kinds, OTHER_KIND])]
+        names += [REFERENT_FRAMES, REFERENT_LABEL]
+        names += [f"{REFERENT_FRAMES}/{kind}" for kind in EXPRESSION_TYPES]
         return nn.ModuleDict({name: MeanMetric() for name in names})
 
     def language_model_pass(self, batch: dict[str, Any], rows: Iterable[int] | None = None) -> Any:
@@ -161,7 +176,33 @@ class VLMPretrainStage(TrainingStage):
             self._captionless_warned = True
         self.log("train/lm_loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/caption_fraction", captioned / batch_size, batch_size=batch_size)
+        if self.referent_head is not None:
+            referent = self.referent_pass(batch)
+            if referent is not None:
+                self.log("train/referent_loss", referent, batch_size=batch_size)
+                loss = loss + self.w_referent * self.check_finite(referent, batch)
         return loss
+
+    def seg_states(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """``[SEG]`` states of the segmentation prompt with the frames (as stage 2 asks) and of the
+        text-only label prompt (as stage 1 asks)."""
+        vlm = self.model.vlm
+        return {
+            REFERENT_FRAMES: vlm(
+                batch["input_ids"], batch["attention_mask"], batch["vlm_pixels"].flatten(0, 1)
+            ).seg_hidden,
+            REFERENT_LABEL: vlm(batch["label_input_ids"], batch["label_attention_mask"]).seg_hidden,
+        }
+
+    def referent_pass(self, batch: dict[str, Any]) -> Tensor | None:
+        """Mean referent loss of both prompts; ``None`` when no clip of the batch has referent words."""
+        if not referent_rows(batch["referent_word_ids"]).any():
+            return None
+        losses = [
+            referent_loss(self.referent_head(states), batch["referent_word_ids"])
+            for states in self.seg_states(batch).values()
+        ]
+        return torch.stack(losses).mean()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, VAL)
@@ -191,13 +232,32 @@ class VLMPretrainStage(TrainingStage):
             metrics["answer_token_accuracy"].update(scores.token_hits.float())
             for row, answers in zip(rows, scores.answers, strict=True):
                 self._update_answer_metrics(metrics, batch, row, answers)
+        if not (self.seg_probe or self.referent_head is not None):
+            return
+        states = self.seg_states(batch)
         if self.seg_probe:
-            seg_hidden = self.model.vlm(
-                batch["input_ids"], batch["attention_mask"], batch["vlm_pixels"].flatten(0, 1)
-            ).seg_hidden
-            distances = expression_separation(seg_hidden, batch["video_id"], batch["expression"])
+            distances = expression_separation(states[REFERENT_FRAMES], batch["video_id"], batch["expression"])
             if distances.numel():
                 metrics["seg_state_separation"].update(distances)
+        if self.referent_head is not None:
+            self._update_referent_metrics(metrics, batch, states)
+
+    def _update_referent_metrics(
+        self, metrics: nn.ModuleDict, batch: dict[str, Any], states: dict[str, Tensor]
+    ) -> None:
+        rows = referent_rows(batch["referent_word_ids"]).cpu()
+        if not rows.any():
+            return
+        hits = {
+            name: referent_hits(self.referent_head(seg_hidden), batch["referent_word_ids"]).float()
+            for name, seg_hidden in states.items()
+        }
+        for name, row_hits in hits.items():
+            metrics[name].update(row_hits[rows])
+        for kind in EXPRESSION_TYPES:
+            of_kind = rows & torch.tensor([t == kind for t in batch["expression_type"]])
+            if of_kind.any():
+                metrics[f"{REFERENT_FRAMES}/{kind}"].update(hits[REFERENT_FRAMES][of_kind])
 
     def _update_answer_metrics(
         self, metrics: nn.ModuleDict, batch: dict[str, Any], row: int, answers: list[bool]
