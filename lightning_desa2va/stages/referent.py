@@ -3,28 +3,18 @@
 Captions and QA train the VLM's answers, not its ``[SEG]`` state: after them the state barely differs
 between the expressions of a clip (README, "foundations"), and what the segmentation stages read from it
 depends on whether the frames are there (stage 1 asks about the label alone, stage 2 about the expression
-with the frames). A linear head on the ``[SEG]`` state, trained to put its probability on the colour and
-shape words of the referred object(s) from both prompts, makes the state carry the referent the same way in
-both. The head is a pre-training probe: it is not part of the model or its exported weights.
+with the frames). A linear head from the ``[SEG]`` state to logits over the vocabulary, trained to put its
+probability on the colour and shape words of the referred object(s) from both prompts, makes the state
+carry the referent the same way in both. The head (an ``nn.Linear`` the pre-training stage holds) is a
+probe: it is not part of the model or its exported weights.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_desa2va.data.chat import IGNORE_INDEX
-
-
-class ReferentWordsHead(nn.Module):
-    """``[SEG]`` state [B, d] → logits over the vocabulary [B, V] of the referent's colour and shape words."""
-
-    def __init__(self, hidden_size: int, vocab_size: int) -> None:
-        super().__init__()
-        self.project = nn.Linear(hidden_size, vocab_size)
-
-    def forward(self, seg_hidden: Tensor) -> Tensor:
-        return self.project(seg_hidden)
 
 
 def referent_rows(word_ids: Tensor) -> Tensor:
@@ -36,7 +26,7 @@ def referent_loss(logits: Tensor, word_ids: Tensor) -> Tensor | None:
     """Cross-entropy against the uniform distribution over each row's referent words ([B, L] ids padded
     with ``IGNORE_INDEX``), averaged over the rows that have words; ``None`` when no row has any."""
     valid = word_ids != IGNORE_INDEX
-    rows = valid.any(dim=1)
+    rows = referent_rows(word_ids)
     if not rows.any():
         return None
     log_probs = logits.log_softmax(dim=-1).gather(1, word_ids.clamp(min=0))

@@ -26,7 +26,7 @@ from lightning_desa2va.data.chat import IGNORE_INDEX
 from lightning_desa2va.data.schema import EXPRESSION_TYPES
 from lightning_desa2va.models.desa2va import DeSa2VA
 from lightning_desa2va.stages.base import Optimizer, Scheduler, TrainingStage
-from lightning_desa2va.stages.referent import ReferentWordsHead, referent_hits, referent_loss, referent_rows
+from lightning_desa2va.stages.referent import referent_hits, referent_loss, referent_rows
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class VLMPretrainStage(TrainingStage):
         self.seg_probe = seg_probe
         self.w_referent = w_referent
         self.referent_head = (
-            ReferentWordsHead(model.vlm.hidden_size, model.vlm.model.get_output_embeddings().out_features)
+            nn.Linear(model.vlm.hidden_size, model.vlm.model.get_output_embeddings().out_features)
             if w_referent > 0
             else None
         )
@@ -197,7 +197,7 @@ class VLMPretrainStage(TrainingStage):
     def referent_pass(self, batch: dict[str, Any]) -> Tensor | None:
         """Mean referent loss of both prompts; ``None`` when no clip of the batch has referent words."""
         if not referent_rows(batch["referent_word_ids"]).any():
-            return None
+            return None  # spares the two VLM passes
         losses = [
             referent_loss(self.referent_head(states), batch["referent_word_ids"])
             for states in self.seg_states(batch).values()
