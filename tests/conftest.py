@@ -65,13 +65,17 @@ def make_batch(tokenizer: Any) -> Callable[..., dict[str, Any]]:
     """
     from torch.nn import functional as F
 
-    from lightning_desa2va.data.chat import ChatEncoder, ChatTemplates
+    from lightning_desa2va.data.chat import IGNORE_INDEX, ChatEncoder, ChatTemplates
     from lightning_desa2va.data.datamodule import collate_clips
 
     def _make(model: Any, expressions: list[str], num_frames: int = 2, seed: int = 0) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(seed)
         encoder = ChatEncoder(tokenizer, ChatTemplates(), model.vlm.image_tokens)
         size, vlm_size = model.sam.image_size, model.vlm.image_size
+        # The rectangle is object 1, a "red square" for SAM-2 pre-training's look objective.
+        looks = torch.tensor(
+            [[IGNORE_INDEX] * 2, tokenizer("red square", add_special_tokens=False)["input_ids"]]
+        )
         samples = []
         for index, expression in enumerate(expressions):
             target = torch.zeros(num_frames, size, size, dtype=torch.bool)
@@ -93,6 +97,7 @@ def make_batch(tokenizer: Any) -> Callable[..., dict[str, Any]]:
                     "labels": chat.labels,
                     "label_input_ids": label.input_ids,
                     "referent_word_ids": torch.zeros(0, dtype=torch.long),  # no object attributes here
+                    "object_look_ids": looks,
                     "caption_input_ids": caption.input_ids,
                     "caption_labels": caption.labels,
                     "has_caption": True,

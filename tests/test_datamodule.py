@@ -100,6 +100,7 @@ def test_train_batch_has_every_key_and_num_frames_frames(setup, train_batch) -> 
         "labels",
         "label_input_ids",
         "referent_word_ids",
+        "object_look_ids",
         "attention_mask",
         "label_attention_mask",
         "caption_input_ids",

@@ -7,12 +7,15 @@ import math
 import pytest
 import torch
 
+from lightning_desa2va.data.chat import IGNORE_INDEX
 from lightning_desa2va.stages.base import NonFiniteLossError
+from lightning_desa2va.stages.look import look_hits
 from lightning_desa2va.stages.sam2_pretrain import PromptSampler, centroid_points, visible_objects
 
 SIZE = 32
 STEPS = 8
 LEARNING_RATE = 3e-3  # fixed here, so the test does not depend on the tuned default
+LOOKS = torch.tensor([[IGNORE_INDEX] * 2, [5, 7], [6, 8]])[None]  # colour, shape word ids of objects 1, 2
 POINTS_ONLY = ["stage.prompts.prob_box=0", "stage.prompts.prob_mask=0", "stage.prompts.max_positive_points=1"]
 
 
@@ -77,6 +80,7 @@ def clip_batch(image_size: int, num_frames: int = 3) -> dict:
         "frames": noise + 1.5 * (ids > 0)[:, :, None].float() - 0.5,
         "instance_masks": ids,
         "target_masks": ids > 0,
+        "object_look_ids": LOOKS.expand(2, -1, -1),
         "video_id": ["video-0", "video-1"],
     }
 
@@ -138,7 +142,7 @@ def test_the_stage_learns_to_track_a_fixed_batch(stage_and_batch, fit_on_batch, 
     assert len(losses) == STEPS and all(math.isfinite(loss) for loss in losses)
     assert sum(losses[-2:]) < 0.8 * sum(losses[:2]), losses
     logged = {"train/loss", "train/loss_mask", "train/loss_iou", "train/loss_object", "train/track_iou"}
-    assert logged <= set(trainer.callback_metrics)
+    assert logged | {"train/loss_look"} <= set(trainer.callback_metrics)
     assert any(not torch.equal(v, memory_before[k]) for k, v in model.sam.memory_encoder.state_dict().items())
     assert all(torch.equal(v, vlm_before[k]) for k, v in model.vlm.state_dict().items()), "the VLM trained"
 
@@ -163,11 +167,44 @@ def test_validation_tracks_every_object_of_each_video_once(stage_and_batch) -> N
     model.eval()
     with torch.no_grad():
         stage.on_validation_epoch_start()
-        stage._evaluate_tracking(batch, stage.val_tracking)
-        stage._evaluate_tracking(batch, stage.val_tracking)  # the same videos again (other expressions)
+        stage._evaluate_tracking(batch, stage.val_tracking, "val")
+        stage._evaluate_tracking(
+            batch, stage.val_tracking, "val"
+        )  # the same videos again (other expressions)
     # each batch shows each video twice, once per expression: 3 objects in 2 videos are tracked once
     assert sum(len(values) for values in stage.val_tracking.point_iou) == 3
     results = stage.val_tracking.compute()
     assert set(results) == {"point_iou", "track_J", "track_F", "track_JF"}
     assert all(0 <= value <= 1 for value in results.values())
     assert math.isclose(results["track_JF"], (results["track_J"] + results["track_F"]) / 2)
+
+
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")
+def test_the_look_objective_teaches_the_image_embedding_the_objects_words(
+    make_model, build_stage, fit_on_batch, tmp_path
+) -> None:
+    cfg, model = make_model("stage=sam2_pretrain", "stage.optimizer.lr=1e-2", *POINTS_ONLY)
+    stage = build_stage(cfg, model)
+    batch = clip_batch(model.sam.image_size)
+
+    def look_accuracy() -> float:
+        with torch.no_grad():
+            return float(
+                look_hits(*stage.look_logits(model.sam.encode_clips(batch["frames"]), batch)).float().mean()
+            )
+
+    before = look_accuracy()
+    torch.manual_seed(0)
+    fit_on_batch(stage, batch, STEPS, tmp_path)
+    assert look_accuracy() > before + 0.5
+    assert not any(name.startswith("look_head") for name in model.state_dict()), "the probe is exported"
+
+
+def test_without_the_look_weight_there_is_no_look_head_or_term(make_model, build_stage) -> None:
+    cfg, model = make_model("stage=sam2_pretrain", "stage.w_look=0", *POINTS_ONLY)
+    stage = build_stage(cfg, model)
+    batch = clip_batch(model.sam.image_size)
+    del batch["object_look_ids"]  # not needed without the objective
+    assert stage.look_head is None
+    assert math.isfinite(float(stage.training_step(batch, 0)))

@@ -98,6 +98,18 @@ class ChatEncoder:
         words = " ".join(f"{track.colour} {track.shape}" for track in targets)
         return torch.tensor(sorted(set(self._ids(words))), dtype=torch.long)
 
+    def object_looks(self, objects: list[ObjectTrack]) -> Tensor:
+        """[max id + 1, 2] token ids of each object's colour and shape word, row = object id (SAM-2
+        pre-training's look objective); ``IGNORE_INDEX`` for row 0 (background), ids no object has and
+        objects without both attributes (real datasets) or whose words are not one token each."""
+        looks = torch.full((max((track.id for track in objects), default=0) + 1, 2), IGNORE_INDEX)
+        for track in objects:
+            if track.colour and track.shape:
+                words = self._ids(f"{track.colour} {track.shape}")
+                if len(words) == looks.shape[1]:
+                    looks[track.id] = torch.tensor(words)
+        return looks
+
     def _images(self, num_frames: int) -> str:
         image = IMAGE_START_TOKEN + IMAGE_CONTEXT_TOKEN * self.image_tokens + IMAGE_END_TOKEN
         return image * num_frames

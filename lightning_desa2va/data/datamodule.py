@@ -81,6 +81,7 @@ class ClipEncoder:
             "labels": chat.labels,
             "label_input_ids": label_chat.input_ids,
             "referent_word_ids": self.chat.referent_words(video.objects, expression.object_ids),
+            "object_look_ids": self.chat.object_looks(video.objects),
             "caption_input_ids": caption_chat.input_ids,
             "caption_labels": caption_chat.labels,
             "has_caption": caption is not None,
@@ -123,6 +124,7 @@ def collate_clips(samples: list[dict[str, Any]], pad_token_id: int) -> dict[str,
         ("caption_input_ids", pad_token_id),
         ("caption_labels", IGNORE_INDEX),
         ("referent_word_ids", IGNORE_INDEX),
+        ("object_look_ids", IGNORE_INDEX),
     ):
         batch[key] = pad_sequence([sample[key] for sample in samples], batch_first=True, padding_value=pad)
     batch["attention_mask"] = pad_sequence(

@@ -71,6 +71,12 @@ class ClipFeatures:
         columns = slice(index * self.num_clips, (index + 1) * self.num_clips)
         return [f[:, columns] for f in self.vision_feats], [p[:, columns] for p in self.vision_pos_embeds]
 
+    def image_embeddings(self) -> Tensor:
+        """The lowest-resolution level (the one the mask decoder attends to) as maps [T·B, C, h, w],
+        frame-major, without memory."""
+        feats, size = self.vision_feats[-1], self.feat_sizes[-1]
+        return feats.permute(1, 2, 0).reshape(feats.shape[1], feats.shape[2], *size)
+
     def select(self, clip_index: Tensor) -> ClipFeatures:
         """Features of the clips ``clip_index`` [N] (repeated ones track several objects of one clip)."""
         frames = torch.arange(self.num_frames, device=clip_index.device)[:, None]

@@ -6,7 +6,9 @@ on frame 0, and track it through the clip with its memory. Each training clip pr
 visible in frame 0 (prompt kind sampled per batch, as sam2's own training does); the loss is the mask loss
 of the best candidate per frame (SAM's minimum over its multimask outputs), SAM-2's IoU head regressed onto
 the true IoU of every candidate, and its object score against the object's presence. Validation prompts
-every object of every clip with one deterministic point and reports frame-0 IoU and tracking J&F.
+every object of every clip with one deterministic point and reports frame-0 IoU and tracking J&F. With
+``w_look`` > 0 the image features also learn to name the colour and shape at every object pixel
+(:mod:`lightning_desa2va.stages.look`), reported as ``look_accuracy``.
 """
 
 from __future__ import annotations
@@ -16,15 +18,16 @@ from typing import Any
 
 import torch
 import torchmetrics
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 from torchmetrics.utilities import dim_zero_cat
 
 from lightning_desa2va.losses import MaskLoss, TripleSupervisionLoss
 from lightning_desa2va.metrics import boundary_f_measure, region_similarity
 from lightning_desa2va.models.desa2va import DeSa2VA
-from lightning_desa2va.models.sam2 import TrackOutput
+from lightning_desa2va.models.sam2 import ClipFeatures, TrackOutput
 from lightning_desa2va.stages.base import Optimizer, SegmentationStage
+from lightning_desa2va.stages.look import frame_clips, look_hits, look_loss, pixel_looks
 from lightning_desa2va.visualize import OverlayItem
 
 log = logging.getLogger(__name__)
@@ -201,6 +204,8 @@ class SAM2PretrainStage(SegmentationStage):
         w_iou: float,
         w_object: float,
         all_objects: bool = True,
+        w_look: float = 0.0,
+        look_grid: int = 32,
     ) -> None:
         super().__init__(model, optimizer, train_modules, num_overlays)
         self.mask_loss: MaskLoss = loss.mask  # the configured BCE + Dice; the triple weights do not apply
@@ -208,6 +213,15 @@ class SAM2PretrainStage(SegmentationStage):
         self.w_iou = w_iou
         self.w_object = w_object
         self.all_objects = all_objects
+        self.w_look = w_look
+        self.look_grid = look_grid
+        self.look_head = (
+            nn.Conv2d(
+                model.sam.prompt_dim, model.vlm.model.get_output_embeddings().out_features, kernel_size=1
+            )
+            if w_look > 0
+            else None
+        )
         self.val_tracking = PromptedTrackingMetric()
         self.test_tracking = PromptedTrackingMetric()
         self._seen_videos: set[str] = set()
@@ -225,6 +239,7 @@ class SAM2PretrainStage(SegmentationStage):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         instance_masks = batch["instance_masks"]
         features = self.model.sam.encode_clips(batch["frames"])
+        look = self.look_pass(features, batch) if self.look_head is not None else None
         if self.all_objects:  # every object of every clip: several prompts per encoded clip, as SAM trains
             clip_index, object_ids = visible_objects(instance_masks, list(range(len(instance_masks))))
             features = features.select(clip_index)
@@ -236,6 +251,9 @@ class SAM2PretrainStage(SegmentationStage):
         # A mask prompt is SAM-2's output on its frame as is: only the tracked frames can be supervised.
         terms = self.tracking_losses(output, targets, first_frame=0 if mask_inputs is None else 1)
         loss = terms["mask"] + self.w_iou * terms["iou"] + self.w_object * terms["object"]
+        if look is not None:
+            terms["look"] = look
+            loss = loss + self.w_look * look
         loss = self.check_finite(loss, batch)
         batch_size = len(targets)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
@@ -244,6 +262,18 @@ class SAM2PretrainStage(SegmentationStage):
             iou = region_similarity(output.logits > 0, targets).mean()
         self.log("train/track_iou", iou, prog_bar=True, batch_size=batch_size)
         return loss
+
+    def look_logits(self, features: ClipFeatures, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """The look head's logits [T·B, V, h, w] on the clips' image embeddings and each pixel's look words
+        [T·B, s, s, 2] (frame-major, as the features)."""
+        instance_ids = batch["instance_masks"].transpose(0, 1).flatten(0, 1)
+        clips = frame_clips(features.num_clips, features.num_frames, instance_ids.device)
+        looks = pixel_looks(instance_ids, batch["object_look_ids"], clips, self.look_grid)
+        return self.look_head(features.image_embeddings()), looks
+
+    def look_pass(self, features: ClipFeatures, batch: dict[str, Any]) -> Tensor | None:
+        """Look loss over the object pixels of the batch; ``None`` when no object has a colour and shape."""
+        return look_loss(*self.look_logits(features, batch))
 
     def tracking_losses(self, output: TrackOutput, targets: Tensor, first_frame: int) -> dict[str, Tensor]:
         """Mask loss of the best candidate, IoU-head and object-score losses over frames ``first_frame``..T-1.
@@ -280,10 +310,10 @@ class SAM2PretrainStage(SegmentationStage):
         self._seen_videos.clear()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate_tracking(batch, self.val_tracking)
+        self._evaluate_tracking(batch, self.val_tracking, "val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate_tracking(batch, self.test_tracking)
+        self._evaluate_tracking(batch, self.test_tracking, "test")
 
     def on_validation_epoch_end(self) -> None:
         self._log_results(self.val_tracking, "val")
@@ -292,7 +322,7 @@ class SAM2PretrainStage(SegmentationStage):
     def on_test_epoch_end(self) -> None:
         self._log_results(self.test_tracking, "test")
 
-    def _evaluate_tracking(self, batch: dict[str, Any], metric: PromptedTrackingMetric) -> None:
+    def _evaluate_tracking(self, batch: dict[str, Any], metric: PromptedTrackingMetric, split: str) -> None:
         """Track every object of every clip not seen yet (batches repeat a clip once per expression)."""
         fresh = []
         for index, video in enumerate(batch["video_id"]):
@@ -304,7 +334,10 @@ class SAM2PretrainStage(SegmentationStage):
             return
         clip_index = clip_index_t.tolist()
         targets = batch["instance_masks"][clip_index_t] == all_ids[:, None, None, None]
-        features = self.model.sam.encode_clips(batch["frames"]).select(clip_index_t)
+        all_features = self.model.sam.encode_clips(batch["frames"])
+        if self.look_head is not None:
+            self._log_look_accuracy(all_features, batch, fresh, split)
+        features = all_features.select(clip_index_t)
         predicted = self.model.sam.track(features, centroid_points(targets[:, 0])).logits > 0
         metric.update(predicted, targets)
         for row, clip in enumerate(clip_index):
@@ -320,3 +353,13 @@ class SAM2PretrainStage(SegmentationStage):
                     name=f"{batch['video_id'][clip]}_object{object_id}",
                 )
             )
+
+    def _log_look_accuracy(
+        self, features: ClipFeatures, batch: dict[str, Any], clips: list[int], split: str
+    ) -> None:
+        """Share of the object pixels of ``clips`` whose top two words are their colour and shape."""
+        index = torch.tensor(clips, dtype=torch.long, device=batch["frames"].device)
+        fresh_batch = {key: batch[key][index] for key in ("instance_masks", "object_look_ids")}
+        hits = look_hits(*self.look_logits(features.select(index), fresh_batch))
+        if len(hits):
+            self.log(f"{split}/look_accuracy", hits.float().mean(), batch_size=len(hits))
