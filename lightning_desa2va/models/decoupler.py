@@ -80,7 +80,9 @@ def build_input_norm(kind: InputNorm, width: int) -> nn.Module:
 
     ``batch`` standardises every dimension across the batch: a VLM that was never trained on ``[SEG]``
     gives nearly the same state for every expression (the shared part dwarfs the expression's), and
-    removing the shared part is what lets the prompt heads tell expressions apart (README, foundations).
+    removing the shared part is what let the prompt heads tell expressions apart. ``layer`` normalises
+    each state alone: with a VLM pre-trained on the referent objective it refers more reliably, free of
+    the noise of small-batch statistics (README, "Referring").
     """
     if kind == "batch":
         return BatchStandardize(width)
