@@ -35,6 +35,11 @@ _CLIP_DIMS = 4  # [T, 3, H, W]: one clip without a batch dimension
 SAFETENSORS_SUFFIX = ".safetensors"
 
 
+def as_maps(feats: Tensor, size: tuple[int, int]) -> Tensor:
+    """SAM-2's flattened features [HW, N, C] as maps [N, C, h, w]."""
+    return feats.permute(1, 2, 0).reshape(feats.shape[1], feats.shape[2], *size)
+
+
 @dataclass
 class FrameFeatures:
     """Image features of a batch of frames, computed once and decoded against several prompts."""
@@ -74,8 +79,7 @@ class ClipFeatures:
     def image_embeddings(self) -> Tensor:
         """The lowest-resolution level (the one the mask decoder attends to) as maps [T·B, C, h, w],
         frame-major, without memory."""
-        feats, size = self.vision_feats[-1], self.feat_sizes[-1]
-        return feats.permute(1, 2, 0).reshape(feats.shape[1], feats.shape[2], *size)
+        return as_maps(self.vision_feats[-1], self.feat_sizes[-1])
 
     def select(self, clip_index: Tensor) -> ClipFeatures:
         """Features of the clips ``clip_index`` [N] (repeated ones track several objects of one clip)."""
@@ -114,10 +118,7 @@ class LanguagePromptedSAM2(SAM2Base):
         _, vision_feats, _, feat_sizes = self._prepare_backbone_features(backbone_out)
         # Frames decoded without memory get the learned "no memory" embedding, as SAM-2 does itself.
         vision_feats[-1] = vision_feats[-1] + self.no_mem_embed
-        maps = [
-            feat.permute(1, 2, 0).reshape(feat.shape[1], feat.shape[2], *size)
-            for feat, size in zip(vision_feats, feat_sizes, strict=True)
-        ]
+        maps = [as_maps(feat, size) for feat, size in zip(vision_feats, feat_sizes, strict=True)]
         return FrameFeatures(image_embeddings=maps[-1], high_res_features=maps[:-1], frames=frames)
 
     def decode_prompts(

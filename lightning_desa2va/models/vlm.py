@@ -54,6 +54,11 @@ class SegTokenVLM(nn.Module):
         return self.model.config.get_text_config().hidden_size
 
     @property
+    def vocab_size(self) -> int:
+        """Size of the output vocabulary (the word heads of the pre-training objectives predict over it)."""
+        return self.model.get_output_embeddings().out_features
+
+    @property
     def language_model(self) -> nn.Module:
         """The language model inside the VLM: the part LoRA adapts."""
         return self.model.model.language_model

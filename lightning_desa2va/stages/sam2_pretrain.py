@@ -216,11 +216,7 @@ class SAM2PretrainStage(SegmentationStage):
         self.w_look = w_look
         self.look_grid = look_grid
         self.look_head = (
-            nn.Conv2d(
-                model.sam.prompt_dim, model.vlm.model.get_output_embeddings().out_features, kernel_size=1
-            )
-            if w_look > 0
-            else None
+            nn.Conv2d(model.sam.prompt_dim, model.vlm.vocab_size, kernel_size=1) if w_look > 0 else None
         )
         self.val_tracking = PromptedTrackingMetric()
         self.test_tracking = PromptedTrackingMetric()
@@ -239,7 +235,7 @@ class SAM2PretrainStage(SegmentationStage):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         instance_masks = batch["instance_masks"]
         features = self.model.sam.encode_clips(batch["frames"])
-        look = self.look_pass(features, batch) if self.look_head is not None else None
+        look = look_loss(*self.look_logits(features, batch)) if self.look_head is not None else None
         if self.all_objects:  # every object of every clip: several prompts per encoded clip, as SAM trains
             clip_index, object_ids = visible_objects(instance_masks, list(range(len(instance_masks))))
             features = features.select(clip_index)
@@ -270,10 +266,6 @@ class SAM2PretrainStage(SegmentationStage):
         clips = frame_clips(features.num_clips, features.num_frames, instance_ids.device)
         looks = pixel_looks(instance_ids, batch["object_look_ids"], clips, self.look_grid)
         return self.look_head(features.image_embeddings()), looks
-
-    def look_pass(self, features: ClipFeatures, batch: dict[str, Any]) -> Tensor | None:
-        """Look loss over the object pixels of the batch; ``None`` when no object has a colour and shape."""
-        return look_loss(*self.look_logits(features, batch))
 
     def tracking_losses(self, output: TrackOutput, targets: Tensor, first_frame: int) -> dict[str, Tensor]:
         """Mask loss of the best candidate, IoU-head and object-score losses over frames ``first_frame``..T-1.

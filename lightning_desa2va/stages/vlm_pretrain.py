@@ -128,9 +128,7 @@ class VLMPretrainStage(TrainingStage):
         self.seg_probe = seg_probe
         self.w_referent = w_referent
         self.referent_head = (
-            nn.Linear(model.vlm.hidden_size, model.vlm.model.get_output_embeddings().out_features)
-            if w_referent > 0
-            else None
+            nn.Linear(model.vlm.hidden_size, model.vlm.vocab_size) if w_referent > 0 else None
         )
         self.metrics = nn.ModuleDict({split: self._split_metrics() for split in (VAL, TEST)})
         self._seen_videos: set[str] = set()
