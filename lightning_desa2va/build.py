@@ -39,6 +39,7 @@ def build_model(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> DeSa2VA:
         text_prompt=instantiate(cfg.text_prompt),
         visual_prompt=instantiate(cfg.visual_prompt),
         fusion=instantiate(cfg.fusion),
+        motion_cue=instantiate(cfg.motion_cue),
     )
 
 

@@ -70,6 +70,7 @@ class RunConfig:
     text_prompt: Any = None
     visual_prompt: Any = None
     fusion: Any = None
+    motion_cue: Any = None
     loss: Any = None
     data: Any = None
     trainer: Any = None

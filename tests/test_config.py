@@ -13,11 +13,13 @@ from omegaconf import OmegaConf
 from lightning_desa2va.config import ConfigError, compose_config, save_config
 from lightning_desa2va.models.decoupler import LinearDecoupler, NoDecoupler
 from lightning_desa2va.models.fusion import DynamicFusion, VisualFusion
+from lightning_desa2va.models.motion_cue import NoMotionCue, NormalFlowCue
 
 
 def test_default_compose_has_every_component_and_the_stage_1_schedule(compose) -> None:
     cfg = compose()
-    for group in ("model", "decoupler", "text_prompt", "visual_prompt", "fusion", "loss", "data", "stage"):
+    components = ("decoupler", "text_prompt", "visual_prompt", "fusion", "motion_cue", "loss")
+    for group in ("model", *components, "data", "stage"):
         assert group in cfg, group
     assert cfg.decoupler._target_.endswith("LinearDecoupler")
     assert cfg.fusion._target_.endswith("DynamicFusion")
@@ -75,6 +77,12 @@ def test_decoupler_override_swaps_the_built_class(make_model, choice, expected) 
 def test_fusion_override_swaps_the_built_class(make_model, choice, expected) -> None:
     _, model = make_model(f"fusion={choice}")
     assert type(model.fusion) is expected
+
+
+@pytest.mark.parametrize(("choice", "expected"), [("none", NoMotionCue), ("normal_flow", NormalFlowCue)])
+def test_motion_cue_override_swaps_the_built_class(make_model, choice, expected) -> None:
+    _, model = make_model(f"motion_cue={choice}")
+    assert type(model.motion_cue) is expected
 
 
 def test_component_hyperparameters_reach_the_built_modules(make_model) -> None:

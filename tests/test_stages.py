@@ -62,6 +62,14 @@ def test_training_decreases_the_loss_on_a_fixed_batch(
 
 
 @pytest.mark.parametrize("stage_name", ["text_pretrain", "decoupled_finetune"])
+def test_both_stages_train_the_motion_cue(stage_name, make_model, build_stage) -> None:
+    cfg, model = make_model(f"stage={stage_name}", "motion_cue=normal_flow")
+    build_stage(cfg, model)
+    assert model.motion_cue.project.weight.requires_grad
+    assert not any(parameter.requires_grad for parameter in model.sam.image_encoder.parameters())
+
+
+@pytest.mark.parametrize("stage_name", ["text_pretrain", "decoupled_finetune"])
 def test_nan_loss_raises_naming_the_videos(stage_name, make_model, make_batch, build_stage) -> None:
     cfg, model = make_model(f"stage={stage_name}")
     stage = build_stage(cfg, model)

@@ -1,0 +1,73 @@
+"""Motion cues: tell SAM-2's per-frame image embedding how each cell moves through the clip.
+
+Config group ``motion_cue``. The mask decoder here decodes every frame of a clip on its own, so nothing it
+sees says which way an object moves, and "the circle moving left" cannot be told from a twin circle moving
+right (the benchmark's motion expressions) however well the prompt is written. ``normal_flow`` adds the
+clip's normal flow to the image embedding: per pixel of the frames (average-pooled by ``stride``)
+``-∂I/∂t · ∇I`` (the Lucas-Kanade numerator, whose dot product with the true motion is never negative),
+summed over colour channels, pooled to the embedding's grid (each cell with its neighbours) and divided
+by the pooled gradient energy, so each cell carries a scale-free (x, y) motion estimate. A 1x1
+projection, initialised at zero, maps it to SAM-2's width: the pretrained SAM-2 is unchanged until
+training gives the cue a use. ``none`` leaves the embedding as it is (no temporal cue).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+FLOW_CHANNELS = 2
+TIME_DIM, HEIGHT_DIM, WIDTH_DIM = 1, 3, 4  # of clips [B, T, 3, H, W]
+
+
+class NoMotionCue(nn.Module):
+    """Each frame's embedding as SAM-2 computed it."""
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+
+    def forward(self, clips: Tensor, image_embeddings: Tensor) -> Tensor:
+        return image_embeddings
+
+
+class NormalFlowCue(nn.Module):
+    """Adds a projection of each cell's normal-flow estimate to the image embedding."""
+
+    def __init__(self, embed_dim: int, stride: int, window: int, eps: float) -> None:
+        super().__init__()
+        if stride < 1:
+            raise ValueError(f"motion_cue.stride must be a positive pixel count, got {stride}")
+        self.stride = stride
+        if window < 1 or window % 2 == 0:
+            raise ValueError(f"motion_cue.window must be an odd number of cells, got {window}")
+        self.window = window
+        self.eps = eps
+        # No bias: a shift of every cell alike says nothing about motion.
+        self.project = nn.Conv2d(FLOW_CHANNELS, embed_dim, kernel_size=1, bias=False)
+        nn.init.zeros_(self.project.weight)
+
+    def flow(self, clips: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Motion estimate [B·T, 2, *grid] (x, y) of clips [B, T, 3, H, W]; zero for one-frame clips."""
+        batch, num_frames = clips.shape[:2]
+        if num_frames < 2:
+            return clips.new_zeros(batch * num_frames, FLOW_CHANNELS, *grid)
+        if self.stride > 1:
+            frames = F.avg_pool2d(clips.flatten(0, 1), self.stride)
+            clips = frames.view(batch, num_frames, *frames.shape[1:])
+        (d_t,) = torch.gradient(clips, dim=TIME_DIM)
+        d_y, d_x = torch.gradient(clips, dim=(HEIGHT_DIM, WIDTH_DIM))
+        numerator = torch.stack([-(d_t * d_x).sum(2), -(d_t * d_y).sum(2)], dim=2).flatten(0, 1)
+        energy = (d_x.square() + d_y.square()).sum(2).flatten(0, 1).unsqueeze(1)
+        return self.pool(numerator, grid) / (self.pool(energy, grid) + self.eps)
+
+    def pool(self, maps: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Sum over each cell and its neighbours within ``window``: one cell sees too little of an edge to
+        average out the aperture problem (a curved edge's normal flow points every way)."""
+        cells = F.adaptive_avg_pool2d(maps, grid)
+        return F.avg_pool2d(cells, self.window, stride=1, padding=self.window // 2, count_include_pad=False)
+
+    def forward(self, clips: Tensor, image_embeddings: Tensor) -> Tensor:
+        """``clips`` [B, T, 3, H, W]; ``image_embeddings`` [B·T, C, h, w], clip by clip."""
+        flow = self.flow(clips.to(image_embeddings.dtype), tuple(image_embeddings.shape[-2:]))
+        return image_embeddings + self.project(flow)
