@@ -96,6 +96,7 @@ def make_batch(tokenizer: Any) -> Callable[..., dict[str, Any]]:
                     "input_ids": chat.input_ids,
                     "labels": chat.labels,
                     "label_input_ids": label.input_ids,
+                    "expression_label_input_ids": label.input_ids,
                     "referent_word_ids": torch.zeros(0, dtype=torch.long),  # no object attributes here
                     "object_look_ids": looks,
                     "caption_input_ids": caption.input_ids,

@@ -82,8 +82,9 @@ def check_batch_shapes(batch: dict[str, Any], max_rows: int, num_frames: int, mo
     length = batch["input_ids"].shape[1]
     for key in ("labels", "attention_mask"):
         assert batch[key].shape == (rows, length), key
-    assert batch["label_input_ids"].shape == batch["label_attention_mask"].shape
-    assert batch["label_input_ids"].shape[0] == rows
+    for prefix in ("label_", "expression_label_"):
+        assert batch[f"{prefix}input_ids"].shape == batch[f"{prefix}attention_mask"].shape
+        assert batch[f"{prefix}input_ids"].shape[0] == rows
     for key in ("expression", "expression_type", "video_id"):
         assert isinstance(batch[key], list) and len(batch[key]) == rows, key
     assert 0 < rows <= max_rows
@@ -99,10 +100,12 @@ def test_train_batch_has_every_key_and_num_frames_frames(setup, train_batch) -> 
         "input_ids",
         "labels",
         "label_input_ids",
+        "expression_label_input_ids",
         "referent_word_ids",
         "object_look_ids",
         "attention_mask",
         "label_attention_mask",
+        "expression_label_attention_mask",
         "caption_input_ids",
         "caption_labels",
         "caption_attention_mask",
@@ -183,12 +186,21 @@ def test_labels_mark_only_the_answers_and_the_answer_holds_seg(train_batch, val_
             assert (ids == seg).sum() == 1  # and the question does not
 
 
-def test_label_prompt_is_text_only_with_seg(train_batch, setup) -> None:
+@pytest.mark.parametrize("prefix", ["label_", "expression_label_"])
+def test_label_prompts_are_text_only_with_seg(train_batch, setup, prefix) -> None:
     model, _ = setup
     seg = model.vlm.seg_token_id
-    ids, mask = train_batch["label_input_ids"], train_batch["label_attention_mask"]
+    ids, mask = train_batch[f"{prefix}input_ids"], train_batch[f"{prefix}attention_mask"]
     assert ((ids == seg) & mask.bool()).sum(dim=1).eq(1).all()
     assert not (ids == model.vlm.model.config.image_token_id).any()
+
+
+def test_expression_label_prompt_asks_about_the_expression(train_batch, setup) -> None:
+    _, datamodule = setup
+    for row, expression in enumerate(train_batch["expression"]):
+        real = train_batch["expression_label_attention_mask"][row].bool()
+        text = datamodule.tokenizer.decode(train_batch["expression_label_input_ids"][row][real])
+        assert expression in text, (expression, text)
 
 
 def test_one_val_pass_visits_every_expression_exactly_once(val_batches, data_dir) -> None:

@@ -69,6 +69,31 @@ def test_both_stages_train_the_motion_cue(stage_name, make_model, build_stage) -
     assert not any(parameter.requires_grad for parameter in model.sam.image_encoder.parameters())
 
 
+@pytest.mark.parametrize(("text", "prefix"), [("label", "label_"), ("expression", "expression_label_")])
+def test_stage_1_reads_the_configured_ground_truth_text(
+    text, prefix, make_model, make_batch, build_stage, monkeypatch
+) -> None:
+    cfg, model = make_model("stage=text_pretrain", f"stage.text={text}")
+    stage = build_stage(cfg, model)
+    batch = make_batch(model, [EXPRESSION], num_frames=1)
+    read = {}
+
+    def record(frames, input_ids, attention_mask):
+        read.update(ids=input_ids, mask=attention_mask)
+        return torch.zeros(1), None
+
+    monkeypatch.setattr(model, "segment_text", record)
+    stage.segment(batch)
+    assert read["ids"] is batch[f"{prefix}input_ids"]
+    assert read["mask"] is batch[f"{prefix}attention_mask"]
+
+
+def test_stage_1_refuses_an_unknown_text(make_model, build_stage) -> None:
+    cfg, model = make_model("stage=text_pretrain", "stage.text=caption")
+    with pytest.raises((ValueError, InstantiationException), match="stage.text"):
+        build_stage(cfg, model)
+
+
 @pytest.mark.parametrize("stage_name", ["text_pretrain", "decoupled_finetune"])
 def test_nan_loss_raises_naming_the_videos(stage_name, make_model, make_batch, build_stage) -> None:
     cfg, model = make_model(f"stage={stage_name}")

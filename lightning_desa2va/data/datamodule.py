@@ -69,6 +69,7 @@ class ClipEncoder:
         target = torch.isin(ids, torch.tensor(expression.object_ids))
         chat = self.chat.segmentation(expression.text, len(index), video.qa)
         label_chat = self.chat.label_prompt(expression.label or expression.text)
+        expression_chat = self.chat.label_prompt(expression.text)
         caption = clip_caption(video.objects, self.chat.templates)
         caption_chat = self.chat.caption_qa(caption, len(index), video.qa)
         questions = [pair.question for pair in video.qa[: self.chat.templates.caption_qa_turns]]
@@ -80,6 +81,7 @@ class ClipEncoder:
             "input_ids": chat.input_ids,
             "labels": chat.labels,
             "label_input_ids": label_chat.input_ids,
+            "expression_label_input_ids": expression_chat.input_ids,
             "referent_word_ids": self.chat.referent_words(video.objects, expression.object_ids),
             "object_look_ids": self.chat.object_looks(video.objects),
             "caption_input_ids": caption_chat.input_ids,
@@ -121,21 +123,17 @@ def collate_clips(samples: list[dict[str, Any]], pad_token_id: int) -> dict[str,
         ("input_ids", pad_token_id),
         ("labels", IGNORE_INDEX),
         ("label_input_ids", pad_token_id),
+        ("expression_label_input_ids", pad_token_id),
         ("caption_input_ids", pad_token_id),
         ("caption_labels", IGNORE_INDEX),
         ("referent_word_ids", IGNORE_INDEX),
         ("object_look_ids", IGNORE_INDEX),
     ):
         batch[key] = pad_sequence([sample[key] for sample in samples], batch_first=True, padding_value=pad)
-    batch["attention_mask"] = pad_sequence(
-        [torch.ones_like(sample["input_ids"]) for sample in samples], batch_first=True
-    )
-    batch["label_attention_mask"] = pad_sequence(
-        [torch.ones_like(sample["label_input_ids"]) for sample in samples], batch_first=True
-    )
-    batch["caption_attention_mask"] = pad_sequence(
-        [torch.ones_like(sample["caption_input_ids"]) for sample in samples], batch_first=True
-    )
+    for prefix in ("", "label_", "expression_label_", "caption_"):
+        batch[f"{prefix}attention_mask"] = pad_sequence(
+            [torch.ones_like(sample[f"{prefix}input_ids"]) for sample in samples], batch_first=True
+        )
     for key in ("expression", "expression_type", "video_id", "has_caption", "qa_questions"):
         batch[key] = [sample[key] for sample in samples]
     return batch

@@ -1,6 +1,7 @@
 """Stage 1, text pre-training (``stage=text_pretrain``).
 
-The ground-truth label text alone goes through the VLM's language model; its ``[SEG]`` state becomes z_t
+A ground-truth text alone goes through the VLM's language model (``text``: the category-style label, or
+the referring expression itself, DESIGN's two options); its ``[SEG]`` state becomes z_t
 (the decoupler's text branch), point prompts for SAM-2 and a text mask, trained with the hybrid mask loss.
 What it learns (text branch, text prompt head, mask decoder) is what stage 2 starts from.
 """
@@ -16,6 +17,9 @@ from lightning_desa2va.models.desa2va import DeSa2VA
 from lightning_desa2va.models.text_prompt import TextPrompt
 from lightning_desa2va.stages.base import Optimizer, SegmentationStage
 
+TEXT_KEYS = {"label": "label_", "expression": "expression_label_"}
+"""Batch key prefix of each ground-truth text stage 1 can read."""
+
 
 class TextPretrainStage(SegmentationStage):
     """Label text → point prompts → SAM-2 → text mask; hybrid mask loss (+ point loss when grounded)."""
@@ -29,14 +33,18 @@ class TextPretrainStage(SegmentationStage):
         optimizer: Optimizer,
         train_modules: list[str],
         num_overlays: int,
+        text: str = "label",
     ) -> None:
         super().__init__(model, optimizer, train_modules, num_overlays)
+        if text not in TEXT_KEYS:
+            raise ValueError(f"stage.text must be one of {sorted(TEXT_KEYS)}, got '{text}'")
         self.loss = loss
+        self.text_key = TEXT_KEYS[text]
         self.select_trainable()
 
     def segment(self, batch: dict[str, Any]) -> tuple[Tensor, TextPrompt]:
         return self.model.segment_text(
-            batch["frames"], batch["label_input_ids"], batch["label_attention_mask"]
+            batch["frames"], batch[f"{self.text_key}input_ids"], batch[f"{self.text_key}attention_mask"]
         )
 
     def predict_logits(self, batch: dict[str, Any]) -> Tensor:
