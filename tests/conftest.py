@@ -72,10 +72,12 @@ def make_batch(tokenizer: Any) -> Callable[..., dict[str, Any]]:
         generator = torch.Generator().manual_seed(seed)
         encoder = ChatEncoder(tokenizer, ChatTemplates(), model.vlm.image_tokens)
         size, vlm_size = model.sam.image_size, model.vlm.image_size
-        # The rectangle is object 1, a "red square" for SAM-2 pre-training's look objective.
+        # The rectangle is object 1, a still "red square" for the look and motion objectives.
         looks = torch.tensor(
             [[IGNORE_INDEX] * 2, tokenizer("red square", add_special_tokens=False)["input_ids"]]
         )
+        still = tokenizer("still", add_special_tokens=False)["input_ids"]
+        motions = torch.tensor([[IGNORE_INDEX] * 2, [*still, IGNORE_INDEX]])  # the rectangle stays put
         samples = []
         for index, expression in enumerate(expressions):
             target = torch.zeros(num_frames, size, size, dtype=torch.bool)
@@ -98,7 +100,9 @@ def make_batch(tokenizer: Any) -> Callable[..., dict[str, Any]]:
                     "label_input_ids": label.input_ids,
                     "expression_label_input_ids": label.input_ids,
                     "referent_word_ids": torch.zeros(0, dtype=torch.long),  # no object attributes here
+                    "referent_motion_ids": torch.zeros(0, dtype=torch.long),
                     "object_look_ids": looks,
+                    "object_motion_ids": motions,
                     "caption_input_ids": caption.input_ids,
                     "caption_labels": caption.labels,
                     "has_caption": True,

@@ -103,6 +103,8 @@ def test_train_batch_has_every_key_and_num_frames_frames(setup, train_batch) -> 
         "expression_label_input_ids",
         "referent_word_ids",
         "object_look_ids",
+        "object_motion_ids",
+        "referent_motion_ids",
         "attention_mask",
         "label_attention_mask",
         "expression_label_attention_mask",

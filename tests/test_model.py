@@ -48,10 +48,12 @@ def test_forward_gives_every_mask_per_frame(model, batch) -> None:
 def test_segment_text_gives_text_masks_and_points_inside_the_image(model, batch) -> None:
     size = model.sam.image_size
     with torch.no_grad():
-        logits, prompt = model.segment_text(
+        segmentation = model.segment_text(
             batch["frames"], batch["label_input_ids"], batch["label_attention_mask"]
         )
+    logits, prompt = segmentation.logits, segmentation.prompt
     assert logits.shape == (B, T, size, size)
+    assert segmentation.image_embeddings.shape[0] == B * T
     assert prompt.tokens.shape == (B * T, model.text_prompt.num_points, model.sam.prompt_dim)
     assert ((prompt.points >= 0) & (prompt.points <= size)).all()
 
@@ -221,6 +223,7 @@ def fake_output(target: torch.Tensor, lm_loss: torch.Tensor | None = None) -> De
         lm_loss=lm_loss,
         text_points=None,
         text_heatmap=None,
+        image_embeddings=torch.zeros(target.shape[0] * target.shape[1], 4, 2, 2),
     )
 
 

@@ -80,7 +80,7 @@ def test_changing_only_the_expression_moves_the_mask_to_the_named_object(trained
     for name in masks:
         ids = encoder.label_prompt(name).input_ids[None]
         with torch.no_grad():
-            logits, _ = model.segment_text(clip, ids, torch.ones_like(ids))
+            logits = model.segment_text(clip, ids, torch.ones_like(ids)).logits
         predicted = logits[0] > 0
         ious = {
             other: float((predicted & mask).sum() / (predicted | mask).sum()) for other, mask in masks.items()

@@ -11,6 +11,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
+from lightning_desa2va.models.desa2va import TextSegmentation
 from lightning_desa2va.stages.base import NonFiniteLossError
 
 STEPS = 6
@@ -69,6 +70,29 @@ def test_both_stages_train_the_motion_cue(stage_name, make_model, build_stage) -
     assert not any(parameter.requires_grad for parameter in model.sam.image_encoder.parameters())
 
 
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")
+@pytest.mark.parametrize("stage_name", ["text_pretrain", "decoupled_finetune"])
+def test_the_motion_objective_trains_its_probe_and_the_motion_cue(
+    stage_name, make_model, make_batch, build_stage, fit_on_batch, tmp_path
+) -> None:
+    cfg, model = make_model(f"stage={stage_name}", "motion_cue=normal_flow", "stage.w_motion=1")
+    stage = build_stage(cfg, model)
+    probe_before = stage.motion_probe.head.weight.clone()
+    batch = make_batch(model, [EXPRESSION], num_frames=2)  # per-frame noise: the flow is not zero
+
+    fit_on_batch(stage, batch, 2, tmp_path)
+
+    assert {"train/loss_motion", "train/motion_accuracy"} <= set(stage.trainer.callback_metrics)
+    assert model.motion_cue.project.weight.abs().sum() > 0, "the cue's zero projection did not move"
+    assert not torch.equal(stage.motion_probe.head.weight, probe_before)
+    assert "motion_probe" not in {name.split(".")[0] for name, _ in model.named_parameters()}
+
+
+def test_without_w_motion_there_is_no_motion_probe(make_model, build_stage) -> None:
+    cfg, model = make_model("stage=text_pretrain")
+    assert build_stage(cfg, model).motion_probe is None
+
+
 @pytest.mark.parametrize(("text", "prefix"), [("label", "label_"), ("expression", "expression_label_")])
 def test_stage_1_reads_the_configured_ground_truth_text(
     text, prefix, make_model, make_batch, build_stage, monkeypatch
@@ -80,7 +104,7 @@ def test_stage_1_reads_the_configured_ground_truth_text(
 
     def record(frames, input_ids, attention_mask):
         read.update(ids=input_ids, mask=attention_mask)
-        return torch.zeros(1), None
+        return TextSegmentation(torch.zeros(1), None, torch.zeros(1))
 
     monkeypatch.setattr(model, "segment_text", record)
     stage.segment(batch)

@@ -110,6 +110,26 @@ class ChatEncoder:
                     looks[track.id] = torch.tensor(words)
         return looks
 
+    def referent_motions(self, objects: list[ObjectTrack], object_ids: list[int]) -> Tensor:
+        """Token ids of the direction words of the referred objects ("up-left" → up, left; "still"), each
+        once (VLM pre-training's motion referent objective); empty when any of them has no motion."""
+        targets = [track for track in objects if track.id in object_ids]
+        if not targets or not all(track.motion for track in targets):
+            return torch.zeros(0, dtype=torch.long)
+        words = " ".join(track.motion.replace("-", " ") for track in targets)
+        return torch.tensor(sorted(set(self._ids(words))), dtype=torch.long)
+
+    def object_motions(self, objects: list[ObjectTrack]) -> Tensor:
+        """[max id + 1, 2] token ids of each object's direction words ("up-left" → up, left; "still" →
+        still, then ``IGNORE_INDEX``), row = object id (the segmentation stages' motion objective);
+        ``IGNORE_INDEX`` rows for the background, ids no object has and objects without a motion."""
+        motions = torch.full((max((track.id for track in objects), default=0) + 1, 2), IGNORE_INDEX)
+        for track in objects:
+            words = self._ids(track.motion.replace("-", " ")) if track.motion else []
+            if 0 < len(words) <= motions.shape[1]:
+                motions[track.id, : len(words)] = torch.tensor(words)
+        return motions
+
     def _images(self, num_frames: int) -> str:
         image = IMAGE_START_TOKEN + IMAGE_CONTEXT_TOKEN * self.image_tokens + IMAGE_END_TOKEN
         return image * num_frames

@@ -83,7 +83,9 @@ class ClipEncoder:
             "label_input_ids": label_chat.input_ids,
             "expression_label_input_ids": expression_chat.input_ids,
             "referent_word_ids": self.chat.referent_words(video.objects, expression.object_ids),
+            "referent_motion_ids": self.chat.referent_motions(video.objects, expression.object_ids),
             "object_look_ids": self.chat.object_looks(video.objects),
+            "object_motion_ids": self.chat.object_motions(video.objects),
             "caption_input_ids": caption_chat.input_ids,
             "caption_labels": caption_chat.labels,
             "has_caption": caption is not None,
@@ -127,7 +129,9 @@ def collate_clips(samples: list[dict[str, Any]], pad_token_id: int) -> dict[str,
         ("caption_input_ids", pad_token_id),
         ("caption_labels", IGNORE_INDEX),
         ("referent_word_ids", IGNORE_INDEX),
+        ("referent_motion_ids", IGNORE_INDEX),
         ("object_look_ids", IGNORE_INDEX),
+        ("object_motion_ids", IGNORE_INDEX),
     ):
         batch[key] = pad_sequence([sample[key] for sample in samples], batch_first=True, padding_value=pad)
     for prefix in ("", "label_", "expression_label_", "caption_"):

@@ -32,6 +32,17 @@ class DeSa2VAOutput:
     lm_loss: Tensor | None
     text_points: Tensor | None  # [B, T, K, 2] in pixels
     text_heatmap: Tensor | None  # [B, T, K, h, w] logits, for prompts found on the frame
+    image_embeddings: Tensor  # [B·T, C, h, w] what the mask decoder attended to, motion cue included
+
+
+@dataclass
+class TextSegmentation:
+    """Stage 1's output: text mask logits [B, T, H, W], the text prompt of every frame (one row per frame,
+    clip by clip) and the image embeddings [B·T, C, h, w] the masks were decoded from."""
+
+    logits: Tensor
+    prompt: TextPrompt
+    image_embeddings: Tensor
 
 
 class DeSa2VA(nn.Module):
@@ -76,16 +87,16 @@ class DeSa2VA(nn.Module):
         tokens = self.visual_prompt(z_visual).repeat_interleave(num_frames, dim=0)
         return self.sam.decode_prompts(features, tokens)
 
-    def segment_text(
-        self, frames: Tensor, input_ids: Tensor, attention_mask: Tensor
-    ) -> tuple[Tensor, TextPrompt]:
-        """Stage 1: text-only VLM pass on the label prompt → z_t → text mask logits [B, T, H, W] and the
-        text prompt of every frame (one row per frame, clip by clip, as the features)."""
+    def segment_text(self, frames: Tensor, input_ids: Tensor, attention_mask: Tensor) -> TextSegmentation:
+        """Stage 1: text-only VLM pass on the label prompt → z_t → text masks of the clips [B, T, ...]."""
         batch, num_frames = frames.shape[:2]
         seg_hidden = self.vlm(input_ids, attention_mask).seg_hidden
         z_text = self.decoupler(seg_hidden).text
-        logits, prompt = self.text_masks(self.encode_frames(frames), z_text, num_frames)
-        return logits.view(batch, num_frames, *logits.shape[-2:]), prompt
+        features = self.encode_frames(frames)
+        logits, prompt = self.text_masks(features, z_text, num_frames)
+        return TextSegmentation(
+            logits.view(batch, num_frames, *logits.shape[-2:]), prompt, features.image_embeddings
+        )
 
     def propagate(self, frames: Tensor, key_frame_logits: Tensor) -> Tensor:
         """Sa2VA-style inference: the key-frame mask [B, H, W] (frame 0) seeds SAM-2's memory, which tracks
@@ -129,4 +140,5 @@ class DeSa2VA(nn.Module):
             lm_loss=vlm_out.lm_loss,
             text_points=per_clip(prompt.points),
             text_heatmap=per_clip(prompt.heatmap_logits),
+            image_embeddings=features.image_embeddings,
         )

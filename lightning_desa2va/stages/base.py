@@ -13,6 +13,7 @@ import logging
 import tempfile
 from abc import abstractmethod
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,10 @@ import torch
 import torchmetrics
 from torch import Tensor
 
+from lightning_desa2va.losses import LossTerms
 from lightning_desa2va.metrics import JFMetric
 from lightning_desa2va.models.desa2va import DeSa2VA
+from lightning_desa2va.stages.motion import MotionProbe
 from lightning_desa2va.tracking import log_artifacts
 from lightning_desa2va.visualize import OverlayItem, save_overlays
 
@@ -93,17 +96,55 @@ class TrainingStage(pl.LightningModule):
         return loss
 
 
+@dataclass
+class MotionTerms:
+    """The motion probe's loss and the share of object pixels whose direction words it names."""
+
+    loss: Tensor
+    accuracy: Tensor
+
+
 class SegmentationStage(TrainingStage):
     """A stage whose output is masks for expressions, scored with J&F per expression type."""
 
     def __init__(
-        self, model: DeSa2VA, optimizer: Optimizer, train_modules: list[str], num_overlays: int
+        self,
+        model: DeSa2VA,
+        optimizer: Optimizer,
+        train_modules: list[str],
+        num_overlays: int,
+        w_motion: float = 0.0,
+        motion_grid: int = 32,
     ) -> None:
         super().__init__(model, optimizer, train_modules)
         self.num_overlays = num_overlays
+        self.w_motion = w_motion
+        self.motion_probe = (
+            MotionProbe(model.sam.prompt_dim, model.vlm.vocab_size, motion_grid) if w_motion > 0 else None
+        )
         self.val_jf = JFMetric()
         self.test_jf = JFMetric()
         self._overlays: list[OverlayItem] = []
+
+    def motion_objective(self, image_embeddings: Tensor, batch: dict[str, Any]) -> MotionTerms | None:
+        """The motion probe on the embeddings the masks were decoded from (``None`` when ``w_motion`` is 0
+        or the batch has no object with a motion)."""
+        if self.motion_probe is None:
+            return None
+        loss, hits = self.motion_probe(image_embeddings, batch["instance_masks"], batch["object_motion_ids"])
+        return None if loss is None else MotionTerms(loss, hits.float().mean())
+
+    def log_losses(self, losses: LossTerms, motion: MotionTerms | None, batch: dict[str, Any]) -> Tensor:
+        """Log every term, add the weighted motion loss to the mask losses and check the total is finite."""
+        total, terms = losses.total, dict(losses.terms)
+        batch_size = len(batch["expression"])
+        if motion is not None:
+            total = total + self.w_motion * motion.loss
+            terms["motion"] = motion.loss
+            self.log("train/motion_accuracy", motion.accuracy, batch_size=batch_size)
+        self.log("train/loss", self.check_finite(total, batch), prog_bar=True, batch_size=batch_size)
+        self.log_dict({f"train/loss_{name}": value for name, value in terms.items()}, batch_size=batch_size)
+        return total
 
     @abstractmethod
     def predict_logits(self, batch: dict[str, Any]) -> Tensor:

@@ -41,8 +41,10 @@ class DecoupledFinetuneStage(SegmentationStage):
         lora: LoraConfig | None = None,
         init_from: str | None = None,
         propagate: bool = False,
+        w_motion: float = 0.0,
+        motion_grid: int = 32,
     ) -> None:
-        super().__init__(model, optimizer, train_modules, num_overlays)
+        super().__init__(model, optimizer, train_modules, num_overlays, w_motion, motion_grid)
         self.loss = loss
         self.propagate = propagate
         if init_from is not None:
@@ -71,13 +73,8 @@ class DecoupledFinetuneStage(SegmentationStage):
             self.model.decoupler.orthogonality_penalty(output.embeddings) if self.loss.uses_orth else None
         )
         losses = self.loss(output, batch["target_masks"], penalty)
-        batch_size = len(batch["expression"])
-        self.log("train/loss", self.check_finite(losses.total, batch), prog_bar=True, batch_size=batch_size)
-        self.log_dict(
-            {f"train/loss_{name}": value for name, value in losses.terms.items()}, batch_size=batch_size
-        )
-        self.log_dict(self.diagnostics(output), batch_size=batch_size)
-        return losses.total
+        self.log_dict(self.diagnostics(output), batch_size=len(batch["expression"]))
+        return self.log_losses(losses, self.motion_objective(output.image_embeddings, batch), batch)
 
     @torch.no_grad()
     def diagnostics(self, output: DeSa2VAOutput) -> dict[str, Tensor]:

@@ -19,9 +19,10 @@ from lightning_desa2va.stages.referent import referent_hits, referent_loss, refe
 
 
 def pixel_looks(instance_ids: Tensor, object_look_ids: Tensor, clip_of_frame: Tensor, size: int) -> Tensor:
-    """[N, size, size, 2] colour and shape word ids of the object at each pixel of N frames.
+    """[N, size, size, W] word ids of the object at each pixel of N frames: its colour and shape word
+    here, its direction words for the motion objective (:mod:`lightning_desa2va.stages.motion`).
 
-    ``instance_ids`` [N, H, W] (resized to ``size`` by nearest neighbour), ``object_look_ids`` [B, L, 2]
+    ``instance_ids`` [N, H, W] (resized to ``size`` by nearest neighbour), ``object_look_ids`` [B, L, W]
     per clip (row = object id, ``IGNORE_INDEX`` for the background), ``clip_of_frame`` [N] the clip of
     each frame.
     """
@@ -39,12 +40,12 @@ def look_rows(logits: Tensor, looks: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def look_loss(logits: Tensor, looks: Tensor) -> Tensor | None:
-    """Cross-entropy of every object pixel against its colour and shape word; ``None`` without any."""
+    """Cross-entropy of every object pixel against its words (colour and shape); ``None`` without any."""
     return referent_loss(*look_rows(logits, looks))
 
 
 def look_hits(logits: Tensor, looks: Tensor) -> Tensor:
-    """[P] bool per object pixel: its two most likely words are its object's colour and shape."""
+    """[P] bool per object pixel: its n most likely words are its object's n words (colour and shape)."""
     return referent_hits(*look_rows(logits, looks))
 
 

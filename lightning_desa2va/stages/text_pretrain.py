@@ -13,8 +13,7 @@ from typing import Any
 from torch import Tensor
 
 from lightning_desa2va.losses import TripleSupervisionLoss
-from lightning_desa2va.models.desa2va import DeSa2VA
-from lightning_desa2va.models.text_prompt import TextPrompt
+from lightning_desa2va.models.desa2va import DeSa2VA, TextSegmentation
 from lightning_desa2va.stages.base import Optimizer, SegmentationStage
 
 TEXT_KEYS = {"label": "label_", "expression": "expression_label_"}
@@ -34,31 +33,29 @@ class TextPretrainStage(SegmentationStage):
         train_modules: list[str],
         num_overlays: int,
         text: str = "label",
+        w_motion: float = 0.0,
+        motion_grid: int = 32,
     ) -> None:
-        super().__init__(model, optimizer, train_modules, num_overlays)
+        super().__init__(model, optimizer, train_modules, num_overlays, w_motion, motion_grid)
         if text not in TEXT_KEYS:
             raise ValueError(f"stage.text must be one of {sorted(TEXT_KEYS)}, got '{text}'")
         self.loss = loss
         self.text_key = TEXT_KEYS[text]
         self.select_trainable()
 
-    def segment(self, batch: dict[str, Any]) -> tuple[Tensor, TextPrompt]:
+    def segment(self, batch: dict[str, Any]) -> TextSegmentation:
         return self.model.segment_text(
             batch["frames"], batch[f"{self.text_key}input_ids"], batch[f"{self.text_key}attention_mask"]
         )
 
     def predict_logits(self, batch: dict[str, Any]) -> Tensor:
-        return self.segment(batch)[0]
+        return self.segment(batch).logits
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        logits, prompt = self.segment(batch)
+        output = self.segment(batch)
+        logits, prompt = output.logits, output.prompt
         heatmap = None
         if prompt.heatmap_logits is not None:
             heatmap = prompt.heatmap_logits.view(*logits.shape[:2], *prompt.heatmap_logits.shape[1:])
         losses = self.loss.text_only(logits, heatmap, batch["target_masks"])
-        batch_size = len(batch["expression"])
-        self.log("train/loss", self.check_finite(losses.total, batch), prog_bar=True, batch_size=batch_size)
-        self.log_dict(
-            {f"train/loss_{name}": value for name, value in losses.terms.items()}, batch_size=batch_size
-        )
-        return losses.total
+        return self.log_losses(losses, self.motion_objective(output.image_embeddings, batch), batch)
