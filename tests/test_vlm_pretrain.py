@@ -212,6 +212,16 @@ def test_referent_words_are_the_targets_colour_and_shape_each_once(tokenizer) ->
     assert chat.referent_words(unannotated, [1, 2]).numel() == 0
 
 
+def test_referent_motions_are_the_targets_direction_words_each_once(tokenizer) -> None:
+    chat = ChatEncoder(tokenizer, ChatTemplates(), image_tokens=1)
+    words = tokenizer.convert_ids_to_tokens(chat.referent_motions(OBJECTS, [1, 3]).tolist())
+    assert sorted(words) == ["left", "up"]
+    words = tokenizer.convert_ids_to_tokens(chat.referent_motions(OBJECTS, [2]).tolist())
+    assert words == ["still"]
+    unannotated = [ObjectTrack(id=1, colour="red", shape="circle"), *OBJECTS[1:]]
+    assert chat.referent_motions(unannotated, [1, 2]).numel() == 0
+
+
 def test_referent_loss_and_hits_score_only_the_rows_with_words() -> None:
     word_ids = torch.tensor([[1, 3], [2, IGNORE_INDEX], [IGNORE_INDEX, IGNORE_INDEX]])
     confident = torch.full((3, VOCAB), -20.0)
@@ -236,20 +246,25 @@ def test_the_stage_teaches_the_seg_state_its_referent_without_exporting_the_head
         f"stage.optimizer.lr={LEARNING_RATE}",
         "stage.scheduler=null",
         "stage.w_referent=1",
+        "stage.w_referent_motion=1",
     )
     stage = build_stage(cfg, model)
     batch = clip_batch(model, tokenizer, [0, 1, 2], expressions_per_clip=3)
     with torch.no_grad():
-        before = float(stage.referent_pass(batch))
+        before = {name: float(value) for name, value in stage.referent_terms(batch).items()}
     trainer, _ = fit_on_batch(stage, batch, 12, tmp_path, val_batch=batch, val_check_interval=12)
     with torch.no_grad():
-        after = float(stage.referent_pass(batch))
-    assert after < 0.5 * before, (before, after)
-    for name in ("referent_accuracy", "referent_accuracy_label"):
+        after = {name: float(value) for name, value in stage.referent_terms(batch).items()}
+    assert set(before) == {"referent", "referent_motion"}
+    for name in before:
+        assert after[name] < 0.5 * before[name], (name, before, after)
+    for name in ("referent_accuracy", "referent_accuracy_label", "referent_motion_accuracy"):
         assert 0.0 <= float(trainer.callback_metrics[f"val/{name}"]) <= 1.0
-    assert not any(key.startswith("referent_head") for key in model.state_dict())
+    assert not any("referent" in key for key in model.state_dict())
 
 
-def test_without_the_referent_weight_the_stage_has_no_head(make_model, build_stage) -> None:
+def test_without_the_referent_weights_the_stage_has_no_heads(make_model, build_stage) -> None:
     cfg, model = make_model("stage=vlm_pretrain", "stage.w_referent=0")
-    assert build_stage(cfg, model).referent_head is None
+    stage = build_stage(cfg, model)
+    assert stage.referent_head is None
+    assert stage.motion_referent_head is None  # its own weight, off by default

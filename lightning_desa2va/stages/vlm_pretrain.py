@@ -38,6 +38,9 @@ METRIC_NAMES = ("lm_loss", "answer_token_accuracy", "caption_accuracy", "qa_accu
 REFERENT_FRAMES, REFERENT_LABEL = "referent_accuracy", "referent_accuracy_label"
 """With the referent objective: top words of the ``[SEG]`` state of the expression with its frames (also
 per expression type, ``referent_accuracy/<type>``) and of the text-only label prompt."""
+REFERENT_MOTION = "referent_motion_accuracy"
+"""With the motion referent objective: the direction words named from the expression with its frames (also
+per expression type)."""
 
 
 @dataclass
@@ -121,6 +124,7 @@ class VLMPretrainStage(TrainingStage):
         scheduler: Scheduler | None = None,
         seg_probe: bool = True,
         w_referent: float = 0.0,
+        w_referent_motion: float = 0.0,
         loss: object | None = None,
     ) -> None:
         super().__init__(model, optimizer, train_modules if train_modules is not None else ["vlm"], scheduler)
@@ -130,6 +134,10 @@ class VLMPretrainStage(TrainingStage):
         self.referent_head = (
             nn.Linear(model.vlm.hidden_size, model.vlm.vocab_size) if w_referent > 0 else None
         )
+        self.w_referent_motion = w_referent_motion
+        self.motion_referent_head = (
+            nn.Linear(model.vlm.hidden_size, model.vlm.vocab_size) if w_referent_motion > 0 else None
+        )
         self.metrics = nn.ModuleDict({split: self._split_metrics() for split in (VAL, TEST)})
         self._seen_videos: set[str] = set()
         self._captionless_warned = False
@@ -137,8 +145,9 @@ class VLMPretrainStage(TrainingStage):
 
     def _split_metrics(self) -> nn.ModuleDict:
         names = [*METRIC_NAMES, *(f"qa_accuracy/{kind}" for kind in [*self.qa_kinds, OTHER_KIND])]
-        names += [REFERENT_FRAMES, REFERENT_LABEL]
-        names += [f"{REFERENT_FRAMES}/{kind}" for kind in EXPRESSION_TYPES]
+        for name in (REFERENT_FRAMES, REFERENT_MOTION):
+            names += [name, *(f"{name}/{kind}" for kind in EXPRESSION_TYPES)]
+        names += [REFERENT_LABEL]
         return nn.ModuleDict({name: MeanMetric() for name in names})
 
     def language_model_pass(self, batch: dict[str, Any], rows: Iterable[int] | None = None) -> Any:
@@ -174,11 +183,10 @@ class VLMPretrainStage(TrainingStage):
             self._captionless_warned = True
         self.log("train/lm_loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/caption_fraction", captioned / batch_size, batch_size=batch_size)
-        if self.referent_head is not None:
-            referent = self.referent_pass(batch)
-            if referent is not None:
-                self.log("train/referent_loss", referent, batch_size=batch_size)
-                loss = loss + self.w_referent * self.check_finite(referent, batch)
+        weights = {"referent": self.w_referent, "referent_motion": self.w_referent_motion}
+        for name, value in self.referent_terms(batch).items():
+            self.log(f"train/{name}_loss", value, batch_size=batch_size)
+            loss = loss + weights[name] * self.check_finite(value, batch)
         return loss
 
     def seg_states(self, batch: dict[str, Any]) -> dict[str, Tensor]:
@@ -192,15 +200,32 @@ class VLMPretrainStage(TrainingStage):
             REFERENT_LABEL: vlm(batch["label_input_ids"], batch["label_attention_mask"]).seg_hidden,
         }
 
-    def referent_pass(self, batch: dict[str, Any]) -> Tensor | None:
-        """Mean referent loss of both prompts; ``None`` when no clip of the batch has referent words."""
-        if not referent_rows(batch["referent_word_ids"]).any():
-            return None  # spares the two VLM passes
-        losses = [
-            referent_loss(self.referent_head(states), batch["referent_word_ids"])
-            for states in self.seg_states(batch).values()
-        ]
-        return torch.stack(losses).mean()
+    def referent_terms(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """``referent``: the look words, mean over both prompts; ``referent_motion``: the direction words,
+        from the expression with its frames only (a label says nothing of motion). A term is left out when
+        its head is off or no clip of the batch has its words (which spares the VLM passes)."""
+        wanted = {
+            name: head
+            for name, head, key in (
+                ("referent", self.referent_head, "referent_word_ids"),
+                ("referent_motion", self.motion_referent_head, "referent_motion_ids"),
+            )
+            if head is not None and referent_rows(batch[key]).any()
+        }
+        if not wanted:
+            return {}
+        states = self.seg_states(batch)
+        terms = {}
+        if "referent" in wanted:
+            looks = batch["referent_word_ids"]
+            terms["referent"] = torch.stack(
+                [referent_loss(self.referent_head(seg), looks) for seg in states.values()]
+            ).mean()
+        if "referent_motion" in wanted:
+            terms["referent_motion"] = referent_loss(
+                self.motion_referent_head(states[REFERENT_FRAMES]), batch["referent_motion_ids"]
+            )
+        return terms
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, VAL)
@@ -230,7 +255,7 @@ class VLMPretrainStage(TrainingStage):
             metrics["answer_token_accuracy"].update(scores.token_hits.float())
             for row, answers in zip(rows, scores.answers, strict=True):
                 self._update_answer_metrics(metrics, batch, row, answers)
-        if not (self.seg_probe or self.referent_head is not None):
+        if not (self.seg_probe or self.referent_head is not None or self.motion_referent_head is not None):
             return
         states = self.seg_states(batch)
         if self.seg_probe:
@@ -238,24 +263,34 @@ class VLMPretrainStage(TrainingStage):
             if distances.numel():
                 metrics["seg_state_separation"].update(distances)
         if self.referent_head is not None:
-            self._update_referent_metrics(metrics, batch, states)
+            self._update_referent_metrics(metrics, batch, self.referent_head, "referent_word_ids", states)
+        if self.motion_referent_head is not None:
+            frames_only = {REFERENT_MOTION: states[REFERENT_FRAMES]}
+            self._update_referent_metrics(
+                metrics, batch, self.motion_referent_head, "referent_motion_ids", frames_only
+            )
 
     def _update_referent_metrics(
-        self, metrics: nn.ModuleDict, batch: dict[str, Any], states: dict[str, Tensor]
+        self,
+        metrics: nn.ModuleDict,
+        batch: dict[str, Any],
+        head: nn.Module,
+        words_key: str,
+        states: dict[str, Tensor],
     ) -> None:
-        rows = referent_rows(batch["referent_word_ids"]).cpu()
+        """Hits of ``head`` on each prompt's ``[SEG]`` states (metric name → states), and per expression type
+        for the first (the expression with its frames)."""
+        rows = referent_rows(batch[words_key]).cpu()
         if not rows.any():
             return
-        hits = {
-            name: referent_hits(self.referent_head(seg_hidden), batch["referent_word_ids"]).float()
-            for name, seg_hidden in states.items()
-        }
+        hits = {name: referent_hits(head(seg), batch[words_key]).float() for name, seg in states.items()}
         for name, row_hits in hits.items():
             metrics[name].update(row_hits[rows])
+        frames_name = next(iter(hits))
         for kind in EXPRESSION_TYPES:
             of_kind = rows & torch.tensor([t == kind for t in batch["expression_type"]])
             if of_kind.any():
-                metrics[f"{REFERENT_FRAMES}/{kind}"].update(hits[REFERENT_FRAMES][of_kind])
+                metrics[f"{frames_name}/{kind}"].update(hits[frames_name][of_kind])
 
     def _update_answer_metrics(
         self, metrics: nn.ModuleDict, batch: dict[str, Any], row: int, answers: list[bool]
