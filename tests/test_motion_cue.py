@@ -8,12 +8,14 @@ import torch
 
 from lightning_desa2va.data.synthetic import rasterise
 from lightning_desa2va.models.motion_cue import NoMotionCue, NormalFlowCue
+from lightning_desa2va.models.sam2 import FrameFeatures
 
 SIZE = 128
 GRID = (8, 8)
 CELL = SIZE // GRID[0]
 COLOUR = (0.9, 0.1, 0.1)
 STEP = 3.0
+HIGH_RES_DIMS = [2, 4]  # stride 4 and 8 levels
 # Three objects of one look: moving left, moving down, still.
 TRACKS = {
     "left": ((88.0, 32.0), (-STEP, 0.0)),
@@ -33,6 +35,18 @@ def moving_clip(num_frames: int = 5) -> torch.Tensor:
     return torch.stack(frames).unsqueeze(0)
 
 
+def normal_flow(stride: int = 2, window: int = 3, high_res: bool = False) -> NormalFlowCue:
+    return NormalFlowCue(8, HIGH_RES_DIMS, stride=stride, window=window, eps=1e-3, high_res=high_res)
+
+
+def features(embeddings: torch.Tensor) -> FrameFeatures:
+    """Features of the clip's 5 frames: the given embedding, random finer levels at strides 4 and 8."""
+    high_res = [
+        torch.randn(5, dim, SIZE // s, SIZE // s) for dim, s in zip(HIGH_RES_DIMS, (4, 8), strict=True)
+    ]
+    return FrameFeatures(image_embeddings=embeddings, high_res_features=high_res, frames=torch.zeros(0))
+
+
 def flow_at(flow: torch.Tensor, track: str, frame: int) -> torch.Tensor:
     """The (x, y) flow of the cell under a track's centre in a frame."""
     (x, y), (dx, dy) = TRACKS[track]
@@ -42,7 +56,7 @@ def flow_at(flow: torch.Tensor, track: str, frame: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_normal_flow_points_the_way_each_object_moves(stride: int) -> None:
-    flow = NormalFlowCue(embed_dim=8, stride=stride, window=3, eps=1e-3).flow(moving_clip(), GRID)
+    flow = normal_flow(stride=stride).flow(moving_clip(), GRID)
     assert flow.shape == (5, 2, *GRID)
     for frame in range(5):  # the end frames use one-sided differences, and must still agree
         left, down, still = (flow_at(flow, name, frame) for name in ("left", "down", "still"))
@@ -52,37 +66,52 @@ def test_normal_flow_points_the_way_each_object_moves(stride: int) -> None:
 
 
 def test_background_far_from_objects_has_zero_flow() -> None:
-    flow = NormalFlowCue(embed_dim=8, stride=2, window=1, eps=1e-3).flow(moving_clip(), GRID)
+    flow = normal_flow(window=1).flow(moving_clip(), GRID)
     assert flow[:, :, 7, 0].abs().max() == 0  # bottom-left corner: nothing ever there
 
 
 def test_one_frame_clip_has_no_motion() -> None:
-    flow = NormalFlowCue(embed_dim=8, stride=2, window=3, eps=1e-3).flow(moving_clip(num_frames=1), GRID)
+    flow = normal_flow().flow(moving_clip(num_frames=1), GRID)
     assert flow.shape == (1, 2, *GRID) and flow.abs().max() == 0
 
 
 def test_fresh_cue_leaves_the_embedding_unchanged_until_trained() -> None:
-    cue = NormalFlowCue(embed_dim=8, stride=2, window=3, eps=1e-3)
+    cue = normal_flow()
     embeddings = torch.randn(5, 8, *GRID)
-    assert torch.equal(cue(moving_clip(), embeddings), embeddings)
+    assert torch.equal(cue(moving_clip(), features(embeddings)).image_embeddings, embeddings)
     torch.nn.init.normal_(cue.project.weight)
-    moved = cue(moving_clip(), embeddings)
+    moved = cue(moving_clip(), features(embeddings)).image_embeddings
     assert not torch.allclose(moved, embeddings)
     assert torch.equal(moved[:, :, 7, 0], embeddings[:, :, 7, 0])  # no motion there, no change
 
 
-def test_the_zero_initialised_projection_still_gets_a_gradient() -> None:
-    cue = NormalFlowCue(embed_dim=8, stride=2, window=3, eps=1e-3)
-    cue(moving_clip(), torch.zeros(5, 8, *GRID)).sum().backward()
-    assert cue.project.weight.grad.abs().sum() > 0
+def test_the_zero_initialised_projections_still_get_a_gradient() -> None:
+    cue = normal_flow(high_res=True)
+    cued = cue(moving_clip(), features(torch.zeros(5, 8, *GRID)))
+    (cued.image_embeddings.sum() + sum(level.sum() for level in cued.high_res_features)).backward()
+    for project in [cue.project, *cue.project_high_res]:
+        assert project.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("high_res", [False, True])
+def test_the_finer_levels_get_the_cue_only_with_high_res(high_res: bool) -> None:
+    cue = normal_flow(high_res=high_res)
+    for project in [cue.project, *cue.project_high_res]:
+        torch.nn.init.normal_(project.weight)
+    before = features(torch.zeros(5, 8, *GRID))
+    after = cue(moving_clip(), before)
+    assert len(cue.project_high_res) == (len(HIGH_RES_DIMS) if high_res else 0)
+    for old, new in zip(before.high_res_features, after.high_res_features, strict=True):
+        assert new.shape == old.shape
+        assert torch.equal(new, old) != high_res
 
 
 @pytest.mark.parametrize(("stride", "window", "key"), [(2, 0, "window"), (2, 2, "window"), (0, 3, "stride")])
 def test_bad_sizes_fail_naming_the_key(stride: int, window: int, key: str) -> None:
     with pytest.raises(ValueError, match=f"motion_cue.{key}"):
-        NormalFlowCue(embed_dim=8, stride=stride, window=window, eps=1e-3)
+        normal_flow(stride=stride, window=window)
 
 
 def test_no_motion_cue_is_the_identity() -> None:
-    embeddings = torch.randn(5, 8, *GRID)
-    assert NoMotionCue(embed_dim=8)(moving_clip(), embeddings) is embeddings
+    frame_features = features(torch.randn(5, 8, *GRID))
+    assert NoMotionCue(8, HIGH_RES_DIMS)(moving_clip(), frame_features) is frame_features

@@ -66,13 +66,11 @@ class DeSa2VA(nn.Module):
         self.text_prompt = text_prompt(in_dim=width, prompt_dim=width)
         self.visual_prompt = visual_prompt(in_dim=width, prompt_dim=width)
         self.fusion = fusion(embed_dim=width)
-        self.motion_cue = motion_cue(embed_dim=width)
+        self.motion_cue = motion_cue(embed_dim=width, high_res_dims=sam.high_res_dims)
 
     def encode_frames(self, frames: Tensor) -> FrameFeatures:
         """SAM-2 image features of clips [B, T, 3, H, W], flattened to B·T frames, with the motion cue."""
-        features = self.sam.encode_frames(frames.flatten(0, 1))
-        features.image_embeddings = self.motion_cue(frames, features.image_embeddings)
-        return features
+        return self.motion_cue(frames, self.sam.encode_frames(frames.flatten(0, 1)))
 
     def text_masks(
         self, features: FrameFeatures, z_text: Tensor, num_frames: int

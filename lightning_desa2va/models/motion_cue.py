@@ -13,9 +13,13 @@ training gives the cue a use. ``none`` leaves the embedding as it is (no tempora
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from lightning_desa2va.models.sam2 import FrameFeatures
 
 FLOW_CHANNELS = 2
 TIME_DIM, HEIGHT_DIM, WIDTH_DIM = 1, 3, 4  # of clips [B, T, 3, H, W]
@@ -24,17 +28,25 @@ TIME_DIM, HEIGHT_DIM, WIDTH_DIM = 1, 3, 4  # of clips [B, T, 3, H, W]
 class NoMotionCue(nn.Module):
     """Each frame's embedding as SAM-2 computed it."""
 
-    def __init__(self, embed_dim: int) -> None:
+    def __init__(self, embed_dim: int, high_res_dims: list[int]) -> None:
         super().__init__()
 
-    def forward(self, clips: Tensor, image_embeddings: Tensor) -> Tensor:
-        return image_embeddings
+    def forward(self, clips: Tensor, features: FrameFeatures) -> FrameFeatures:
+        return features
 
 
 class NormalFlowCue(nn.Module):
     """Adds a projection of each cell's normal-flow estimate to the image embedding."""
 
-    def __init__(self, embed_dim: int, stride: int, window: int, eps: float) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        high_res_dims: list[int],
+        stride: int,
+        window: int,
+        eps: float,
+        high_res: bool = False,
+    ) -> None:
         super().__init__()
         if stride < 1:
             raise ValueError(f"motion_cue.stride must be a positive pixel count, got {stride}")
@@ -43,9 +55,9 @@ class NormalFlowCue(nn.Module):
             raise ValueError(f"motion_cue.window must be an odd number of cells, got {window}")
         self.window = window
         self.eps = eps
-        # No bias: a shift of every cell alike says nothing about motion.
-        self.project = nn.Conv2d(FLOW_CHANNELS, embed_dim, kernel_size=1, bias=False)
-        nn.init.zeros_(self.project.weight)
+        self.project = zero_projection(embed_dim)
+        # The mask decoder's finer levels (stride 4 and 8), where a mask is read out pixel by pixel.
+        self.project_high_res = nn.ModuleList(zero_projection(dim) for dim in high_res_dims if high_res)
 
     def flow(self, clips: Tensor, grid: tuple[int, int]) -> Tensor:
         """Motion estimate [B·T, 2, *grid] (x, y) of clips [B, T, 3, H, W]; zero for one-frame clips."""
@@ -67,7 +79,26 @@ class NormalFlowCue(nn.Module):
         cells = F.adaptive_avg_pool2d(maps, grid)
         return F.avg_pool2d(cells, self.window, stride=1, padding=self.window // 2, count_include_pad=False)
 
-    def forward(self, clips: Tensor, image_embeddings: Tensor) -> Tensor:
-        """``clips`` [B, T, 3, H, W]; ``image_embeddings`` [B·T, C, h, w], clip by clip."""
-        flow = self.flow(clips.to(image_embeddings.dtype), tuple(image_embeddings.shape[-2:]))
-        return image_embeddings + self.project(flow)
+    def forward(self, clips: Tensor, features: FrameFeatures) -> FrameFeatures:
+        """``clips`` [B, T, 3, H, W]; ``features`` of their B·T frames, clip by clip."""
+        clips = clips.to(features.image_embeddings.dtype)
+
+        def cued(maps: Tensor, project: nn.Module) -> Tensor:
+            return maps + project(self.flow(clips, tuple(maps.shape[-2:])))
+
+        high_res = list(features.high_res_features)
+        for level, project in enumerate(self.project_high_res):
+            high_res[level] = cued(high_res[level], project)
+        return replace(
+            features,
+            image_embeddings=cued(features.image_embeddings, self.project),
+            high_res_features=high_res,
+        )
+
+
+def zero_projection(dim: int) -> nn.Conv2d:
+    """1×1 flow → ``dim`` channels, zero at first (the pretrained SAM-2 unchanged); no bias: a shift of every
+    cell alike says nothing about motion."""
+    project = nn.Conv2d(FLOW_CHANNELS, dim, kernel_size=1, bias=False)
+    nn.init.zeros_(project.weight)
+    return project

@@ -112,6 +112,12 @@ class LanguagePromptedSAM2(SAM2Base):
         """Width C of SAM-2's prompt tokens: the size every language prompt is projected to."""
         return self.sam_prompt_embed_dim
 
+    @property
+    def high_res_dims(self) -> list[int]:
+        """Widths of the finer feature levels the mask decoder adds when upscaling (strides 4 and 8)."""
+        decoder = self.sam_mask_decoder
+        return [decoder.conv_s0.out_channels, decoder.conv_s1.out_channels]
+
     def encode_frames(self, frames: Tensor) -> FrameFeatures:
         """Run the image encoder on ``frames`` [N, 3, H, W] (normalised as SAM-2 expects)."""
         backbone_out = self.forward_image(frames)
