@@ -19,6 +19,7 @@ import torchmetrics
 from torch import Tensor
 from torchmetrics.utilities import dim_zero_cat
 
+from lightning_desa2va.data.chat import IGNORE_INDEX
 from lightning_desa2va.data.schema import EXPRESSION_TYPES
 
 DEFAULT_BOUND_TH = 0.008
@@ -210,3 +211,70 @@ def _summarise(j_values: Tensor, f_values: Tensor, suffix: str) -> dict[str, flo
     j_mean = j_values.mean().item()
     f_mean = f_values.mean().item()
     return {f"J{suffix}": j_mean, f"F{suffix}": f_mean, f"JF{suffix}": (j_mean + f_mean) / 2}
+
+
+MASK_SHARE_PARTS = ("target", "lookalike", "other", "background")
+"""Where a predicted mask's pixels fall, for :class:`MaskShareMetric`."""
+
+
+class MaskShareMetric(torchmetrics.Metric):
+    """Share of the predicted mask area on the target, on *lookalikes* (objects that are not targets but
+    look like one, i.e. share a target's colour and shape words), on other objects and on background.
+
+    J&F says how good a mask is, not why it is wrong; on the benchmark's motion and mixed expressions a
+    model that reads the look but not the motion splits its mask between the target and its twin, which
+    this shows directly (README, "Referring"). Clips whose objects have no look words count their
+    lookalike share as 0. Reported overall and per expression type.
+    """
+
+    is_differentiable = False
+    full_state_update = False
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        shape = (len(EXPRESSION_TYPES), len(MASK_SHARE_PARTS))
+        self.add_state("area", default=torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(
+        self,
+        pred_masks: Tensor,
+        gt_masks: Tensor,
+        instance_ids: Tensor,
+        object_look_ids: Tensor,
+        expression_types: Sequence[str],
+    ) -> None:
+        """``pred_masks``, ``gt_masks``, ``instance_ids`` [B, T, H, W]; ``object_look_ids`` [B, L, W] word
+        ids per object id (``IGNORE_INDEX`` rows for ids without a look), one expression type per clip."""
+        if not pred_masks.shape == gt_masks.shape == instance_ids.shape:
+            raise ValueError(
+                f"predicted {tuple(pred_masks.shape)}, target {tuple(gt_masks.shape)} and instance ids "
+                f"{tuple(instance_ids.shape)} must have one shape"
+            )
+        for pred, target, ids, looks, kind in zip(
+            pred_masks, gt_masks, instance_ids, object_look_ids, expression_types, strict=True
+        ):
+            lookalike = torch.isin(ids, lookalike_ids(ids, target, looks)) & ~target
+            parts = (target, lookalike, (ids > 0) & ~target & ~lookalike, (ids == 0) & ~target)
+            area = torch.stack([(pred & part).sum() for part in parts]).to(self.area.dtype)
+            self.area[EXPRESSION_TYPES.index(kind)] += area
+
+    def compute(self) -> dict[str, float]:
+        """``<part>`` overall and ``<part>/<type>`` per type with any predicted area."""
+        results = {}
+        per_type = [(f"/{kind}", area) for kind, area in zip(EXPRESSION_TYPES, self.area, strict=True)]
+        for suffix, area in [("", self.area.sum(dim=0)), *per_type]:
+            if area.sum() > 0:
+                shares = (area / area.sum()).tolist()
+                results.update({f"{part}{suffix}": shares[i] for i, part in enumerate(MASK_SHARE_PARTS)})
+        return results
+
+
+def lookalike_ids(instance_ids: Tensor, target: Tensor, object_look_ids: Tensor) -> Tensor:
+    """Ids of the objects that are not in ``target`` but have the look words of an object that is."""
+    valid = (object_look_ids != IGNORE_INDEX).all(dim=1)
+    target_ids = instance_ids[target].unique()
+    target_ids = target_ids[(target_ids > 0) & (target_ids < len(object_look_ids))]
+    target_looks = object_look_ids[target_ids][valid[target_ids]]
+    same = (object_look_ids[:, None, :] == target_looks[None]).all(dim=-1).any(dim=1) & valid
+    same[target_ids] = False
+    return same.nonzero().flatten()

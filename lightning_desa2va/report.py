@@ -10,11 +10,18 @@ from rich.table import Table
 from lightning_desa2va.data.schema import EXPRESSION_TYPES
 from lightning_desa2va.foundations import Recipe
 
-COLUMNS = {"JF": "J&F", **{f"JF/{kind}": f"J&F {kind}" for kind in EXPRESSION_TYPES}, "J": "J", "F": "F"}
+COLUMNS = {
+    "JF": "J&F",
+    **{f"JF/{kind}": f"J&F {kind}" for kind in EXPRESSION_TYPES},
+    "J": "J",
+    "F": "F",
+    "mask_share/lookalike": "lookalike",
+}
 
 
 def summary_table(title: str, rows: dict[str, dict[str, float]]) -> Table:
-    """One row per model (or baseline), J&F overall / static / motion / mixed, J and F."""
+    """One row per model (or baseline), J&F overall / static / motion / mixed, J and F, and the share of the
+    predicted masks on objects that look like a target but are not one (motion decides those)."""
     table = Table(title=title)
     table.add_column("model", no_wrap=True)
     for header in COLUMNS.values():

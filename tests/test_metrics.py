@@ -9,9 +9,11 @@ import pytest
 import torch
 from scipy import ndimage
 
+from lightning_desa2va.data.chat import IGNORE_INDEX
 from lightning_desa2va.metrics import (
     EXPRESSION_TYPES,
     JFMetric,
+    MaskShareMetric,
     boundary_f_measure,
     boundary_map,
     region_similarity,
@@ -231,3 +233,36 @@ def test_jf_metric_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match=r"\[B, T, H, W\]"):
         metric.update(masks[0], masks[0], ["static", "motion", "mixed"])
     assert EXPRESSION_TYPES == ("static", "motion", "mixed")
+
+
+def share_clip() -> tuple[torch.Tensor, torch.Tensor]:
+    """Instance ids [1, 1, 8, 8] of three 2×4 objects (1 and 2 look alike, 3 differs) and their look words."""
+    ids = torch.zeros(1, 1, 8, 8, dtype=torch.long)
+    ids[..., 0:2, 0:4], ids[..., 3:5, 0:4], ids[..., 6:8, 0:4] = 1, 2, 3
+    looks = torch.tensor([[[IGNORE_INDEX] * 2, [10, 20], [10, 20], [11, 21]]])
+    return ids, looks
+
+
+def test_mask_share_splits_the_predicted_area_between_target_lookalike_other_and_background() -> None:
+    ids, looks = share_clip()
+    target = ids == 1
+    metric = MaskShareMetric()
+    both_twins = (ids == 1) | (ids == 2)
+    metric.update(both_twins, target, ids, looks, ["mixed"])
+    everything = torch.ones_like(target)  # 8 + 8 + 8 object pixels, 40 background pixels
+    metric.update(everything, target, ids, looks, ["static"])
+    shares = metric.compute()
+    assert shares["target/mixed"] == pytest.approx(0.5) and shares["lookalike/mixed"] == pytest.approx(0.5)
+    assert shares["other/static"] == pytest.approx(8 / 64) and shares["background/static"] == pytest.approx(
+        40 / 64
+    )
+    assert shares["lookalike"] == pytest.approx((8 + 8) / (16 + 64))
+    assert "target/motion" not in shares  # no motion expression, no made-up share
+
+
+def test_mask_share_without_look_words_counts_no_lookalikes() -> None:
+    ids, looks = share_clip()
+    metric = MaskShareMetric()
+    metric.update(ids > 0, ids == 1, ids, torch.full_like(looks, IGNORE_INDEX), ["motion"])
+    shares = metric.compute()
+    assert shares["lookalike"] == 0.0 and shares["other"] == pytest.approx(2 / 3)

@@ -23,7 +23,7 @@ import torchmetrics
 from torch import Tensor
 
 from lightning_desa2va.losses import LossTerms
-from lightning_desa2va.metrics import JFMetric
+from lightning_desa2va.metrics import JFMetric, MaskShareMetric
 from lightning_desa2va.models.desa2va import DeSa2VA
 from lightning_desa2va.stages.motion import MotionProbe
 from lightning_desa2va.tracking import log_artifacts
@@ -124,6 +124,8 @@ class SegmentationStage(TrainingStage):
         )
         self.val_jf = JFMetric()
         self.test_jf = JFMetric()
+        self.val_share = MaskShareMetric()
+        self.test_share = MaskShareMetric()
         self._overlays: list[OverlayItem] = []
 
     def motion_objective(self, image_embeddings: Tensor, batch: dict[str, Any]) -> MotionTerms | None:
@@ -151,14 +153,21 @@ class SegmentationStage(TrainingStage):
         """The stage's output mask logits [B, T, H, W] for a batch."""
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_jf)
+        self._evaluate(batch, self.val_jf, self.val_share)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_jf)
+        self._evaluate(batch, self.test_jf, self.test_share)
 
-    def _evaluate(self, batch: dict[str, Any], metric: torchmetrics.Metric) -> None:
+    def _evaluate(self, batch: dict[str, Any], metric: torchmetrics.Metric, share: MaskShareMetric) -> None:
         predicted = self.predict_logits(batch) > 0
         metric.update(predicted, batch["target_masks"], batch["expression_type"])
+        share.update(
+            predicted,
+            batch["target_masks"],
+            batch["instance_masks"],
+            batch["object_look_ids"],
+            batch["expression_type"],
+        )
         for index in range(len(batch["expression"])):
             if len(self._overlays) >= self.num_overlays:
                 break
@@ -173,15 +182,20 @@ class SegmentationStage(TrainingStage):
             )
 
     def on_validation_epoch_end(self) -> None:
-        self._log_results(self.val_jf, "val")
+        self._log_results(self.val_jf, "val", self.val_share)
         self.last_validated_step = self.global_step
 
     def on_test_epoch_end(self) -> None:
-        self._log_results(self.test_jf, "test")
+        self._log_results(self.test_jf, "test", self.test_share)
 
-    def _log_results(self, metric: torchmetrics.Metric, split: str) -> None:
+    def _log_results(
+        self, metric: torchmetrics.Metric, split: str, share: MaskShareMetric | None = None
+    ) -> None:
         results = metric.compute()
         metric.reset()
+        if share is not None:
+            results.update({f"mask_share/{name}": value for name, value in share.compute().items()})
+            share.reset()
         self.log_dict({f"{split}/{name}": value for name, value in results.items()}, sync_dist=True)
         overlays, self._overlays = self._overlays, []
         if self.trainer.sanity_checking or not overlays:
