@@ -253,7 +253,7 @@ class MaskShareMetric(torchmetrics.Metric):
         for pred, target, ids, looks, kind in zip(
             pred_masks, gt_masks, instance_ids, object_look_ids, expression_types, strict=True
         ):
-            lookalike = torch.isin(ids, lookalike_ids(ids, target, looks)) & ~target
+            lookalike = torch.isin(ids, lookalike_ids(ids, target, looks))
             parts = (target, lookalike, (ids > 0) & ~target & ~lookalike, (ids == 0) & ~target)
             area = torch.stack([(pred & part).sum() for part in parts]).to(self.area.dtype)
             self.area[EXPRESSION_TYPES.index(kind)] += area

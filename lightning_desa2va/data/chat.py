@@ -116,7 +116,7 @@ class ChatEncoder:
         targets = [track for track in objects if track.id in object_ids]
         if not targets or not all(track.motion for track in targets):
             return torch.zeros(0, dtype=torch.long)
-        words = " ".join(track.motion.replace("-", " ") for track in targets)
+        words = " ".join(direction_words(track) for track in targets)
         return torch.tensor(sorted(set(self._ids(words))), dtype=torch.long)
 
     def object_motions(self, objects: list[ObjectTrack]) -> Tensor:
@@ -125,7 +125,7 @@ class ChatEncoder:
         ``IGNORE_INDEX`` rows for the background, ids no object has and objects without a motion."""
         motions = torch.full((max((track.id for track in objects), default=0) + 1, 2), IGNORE_INDEX)
         for track in objects:
-            words = self._ids(track.motion.replace("-", " ")) if track.motion else []
+            words = self._ids(direction_words(track)) if track.motion else []
             if 0 < len(words) <= motions.shape[1]:
                 motions[track.id, : len(words)] = torch.tensor(words)
         return motions
@@ -151,3 +151,8 @@ class ChatEncoder:
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def direction_words(track: ObjectTrack) -> str:
+    """How the motion objectives spell an object's motion: "up-left" → "up left", "still" → "still"."""
+    return track.motion.replace("-", " ")

@@ -61,16 +61,26 @@ class NormalFlowCue(nn.Module):
 
     def flow(self, clips: Tensor, grid: tuple[int, int]) -> Tensor:
         """Motion estimate [B·T, 2, *grid] (x, y) of clips [B, T, 3, H, W]; zero for one-frame clips."""
+        return self.pooled_flow(*self.flow_terms(clips), grid)
+
+    def flow_terms(self, clips: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-pixel Lucas-Kanade numerator [B·T, 2, h, w] and gradient energy [B·T, 1, h, w] of the
+        (pooled) frames, computed once for every grid; both zero for one-frame clips (no motion)."""
         batch, num_frames = clips.shape[:2]
-        if num_frames < 2:
-            return clips.new_zeros(batch * num_frames, FLOW_CHANNELS, *grid)
         if self.stride > 1:
             frames = F.avg_pool2d(clips.flatten(0, 1), self.stride)
             clips = frames.view(batch, num_frames, *frames.shape[1:])
+        if num_frames < 2:
+            energy = torch.zeros_like(clips.flatten(0, 1)[:, :1])
+            return energy.repeat(1, FLOW_CHANNELS, 1, 1), energy
         (d_t,) = torch.gradient(clips, dim=TIME_DIM)
         d_y, d_x = torch.gradient(clips, dim=(HEIGHT_DIM, WIDTH_DIM))
         numerator = torch.stack([-(d_t * d_x).sum(2), -(d_t * d_y).sum(2)], dim=2).flatten(0, 1)
         energy = (d_x.square() + d_y.square()).sum(2).flatten(0, 1).unsqueeze(1)
+        return numerator, energy
+
+    def pooled_flow(self, numerator: Tensor, energy: Tensor, grid: tuple[int, int]) -> Tensor:
+        """The flow of the per-pixel terms on ``grid`` [B·T, 2, *grid]."""
         return self.pool(numerator, grid) / (self.pool(energy, grid) + self.eps)
 
     def pool(self, maps: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -81,10 +91,10 @@ class NormalFlowCue(nn.Module):
 
     def forward(self, clips: Tensor, features: FrameFeatures) -> FrameFeatures:
         """``clips`` [B, T, 3, H, W]; ``features`` of their B·T frames, clip by clip."""
-        clips = clips.to(features.image_embeddings.dtype)
+        terms = self.flow_terms(clips.to(features.image_embeddings.dtype))
 
         def cued(maps: Tensor, project: nn.Module) -> Tensor:
-            return maps + project(self.flow(clips, tuple(maps.shape[-2:])))
+            return maps + project(self.pooled_flow(*terms, tuple(maps.shape[-2:])))
 
         high_res = list(features.high_res_features)
         for level, project in enumerate(self.project_high_res):
