@@ -40,6 +40,7 @@ def build_model(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> DeSa2VA:
         visual_prompt=instantiate(cfg.visual_prompt),
         fusion=instantiate(cfg.fusion),
         motion_cue=instantiate(cfg.motion_cue),
+        motion_prompt=instantiate(cfg.motion_prompt),
     )
 
 

@@ -71,6 +71,7 @@ class RunConfig:
     visual_prompt: Any = None
     fusion: Any = None
     motion_cue: Any = None
+    motion_prompt: Any = None
     loss: Any = None
     data: Any = None
     trainer: Any = None

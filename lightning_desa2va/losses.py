@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_desa2va.models.desa2va import DeSa2VAOutput
+from lightning_desa2va.models.motion_prompt import StatedMotion
 
 
 def dice_loss(logits: Tensor, target: Tensor, smooth: float) -> Tensor:
@@ -37,6 +38,21 @@ def point_loss(heatmap_logits: Tensor, target: Tensor) -> Tensor:
     if not present.any():
         return heatmap_logits.new_zeros(())
     return -log_mass[present].mean()
+
+
+def stated_motion_loss(stated: StatedMotion, target: Tensor) -> Tensor:
+    """BCE on whether a motion is stated + MSE on its direction, against targets [B, 3] (x, y, stated);
+    rows with a NaN flag (no structured referent, e.g. real datasets) do not count, nor do the directions
+    of expressions that state none."""
+    known = ~target[:, 2].isnan()
+    if not known.any():
+        return stated.stated_logits.new_zeros(())
+    flags = target[known, 2].to(stated.stated_logits.dtype)
+    loss = F.binary_cross_entropy_with_logits(stated.stated_logits[known], flags)
+    moving = known & (target[:, 2] > 0)
+    if moving.any():
+        loss = loss + F.mse_loss(stated.direction[moving], target[moving, :2].to(stated.direction.dtype))
+    return loss
 
 
 class MaskLoss(nn.Module):
@@ -71,9 +87,11 @@ class LossTerms:
 
 
 class TripleSupervisionLoss(nn.Module):
-    """w_f·L(M_f) + w_t·L(M_t) + w_v·L(M_v) + w_orth·L_orth + w_lm·L_lm + w_point·L_point.
+    """w_f·L(M_f) + w_t·L(M_t) + w_v·L(M_v) + w_orth·L_orth + w_lm·L_lm + w_point·L_point
+    + w_stated_motion·L_stated_motion.
 
-    L_point (:func:`point_loss`) supervises where a grounded text prompt puts its points.
+    L_point (:func:`point_loss`) supervises where a grounded text prompt puts its points,
+    L_stated_motion (:func:`stated_motion_loss`) what a motion prompt reads from z_t.
     """
 
     def __init__(
@@ -85,6 +103,7 @@ class TripleSupervisionLoss(nn.Module):
         w_orth: float,
         w_lm: float,
         w_point: float = 0.0,
+        w_stated_motion: float = 0.0,
     ) -> None:
         super().__init__()
         self.mask = mask
@@ -95,6 +114,7 @@ class TripleSupervisionLoss(nn.Module):
             "orth": w_orth,
             "lm": w_lm,
             "point": w_point,
+            "stated_motion": w_stated_motion,
         }
 
     @property
@@ -107,7 +127,15 @@ class TripleSupervisionLoss(nn.Module):
         """Whether the decoupler's orthogonality penalty needs computing."""
         return self.weights["orth"] != 0
 
-    def forward(self, output: DeSa2VAOutput, target: Tensor, orthogonality: Tensor | None) -> LossTerms:
+    def forward(
+        self,
+        output: DeSa2VAOutput,
+        target: Tensor,
+        orthogonality: Tensor | None,
+        stated_motion: Tensor | None = None,
+    ) -> LossTerms:
+        """``target`` masks [B, T, H, W]; ``stated_motion`` [B, 3] the motion each expression states
+        (the batch's ``stated_motion``), needed with ``w_stated_motion``."""
         masks = {"fused": output.fused_logits, "text": output.text_logits, "visual": output.visual_logits}
         terms = {name: self.mask(logits, target) for name, logits in masks.items() if self.weights[name]}
         if self.uses_orth:
@@ -119,6 +147,15 @@ class TripleSupervisionLoss(nn.Module):
                 raise ValueError("loss.w_lm is set but the VLM returned no LM loss (no answer labels)")
             terms["lm"] = output.lm_loss
         terms.update(self.point_terms(output.text_heatmap, target))
+        if self.weights["stated_motion"]:
+            if output.stated_motion is None:
+                raise ValueError(
+                    "loss.w_stated_motion is set but the model has no motion prompt "
+                    "(use motion_prompt=flow_match)"
+                )
+            if stated_motion is None:
+                raise ValueError("loss.w_stated_motion is set but the batch states no motions")
+            terms["stated_motion"] = stated_motion_loss(output.stated_motion, stated_motion)
         return self.weighted(terms)
 
     def text_only(self, text_logits: Tensor, text_heatmap: Tensor | None, target: Tensor) -> LossTerms:

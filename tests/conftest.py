@@ -103,6 +103,7 @@ def make_batch(tokenizer: Any) -> Callable[..., dict[str, Any]]:
                     "referent_motion_ids": torch.zeros(0, dtype=torch.long),
                     "object_look_ids": looks,
                     "object_motion_ids": motions,
+                    "stated_motion": torch.zeros(3),  # a look-only expression states no motion
                     "caption_input_ids": caption.input_ids,
                     "caption_labels": caption.labels,
                     "has_caption": True,

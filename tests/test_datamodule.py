@@ -105,6 +105,7 @@ def test_train_batch_has_every_key_and_num_frames_frames(setup, train_batch) -> 
         "object_look_ids",
         "object_motion_ids",
         "referent_motion_ids",
+        "stated_motion",
         "attention_mask",
         "label_attention_mask",
         "expression_label_attention_mask",
@@ -156,6 +157,41 @@ def test_targets_are_the_union_of_the_expressions_objects(split, train_batch, va
             expected = torch.isin(instances, torch.tensor(ids))
             assert torch.equal(batch["target_masks"][row], expected), (video_id, text)
             assert expected.any(), (video_id, text)
+
+
+def test_stated_motion_is_the_direction_the_expression_names(val_batches, videos) -> None:
+    seen = Counter()
+    for batch in val_batches:
+        for row, (video_id, text) in enumerate(zip(batch["video_id"], batch["expression"], strict=True)):
+            (expression,) = [e for e in videos[video_id].expressions if e.text == text]
+            x, y, stated = batch["stated_motion"][row].tolist()
+            motion = expression.attributes.get("motion")
+            seen[motion is not None] += 1
+            if motion is None:  # static: states no motion
+                assert (x, y, stated) == (0.0, 0.0, 0.0), text
+                continue
+            assert stated == 1.0, text
+            targets = [o for o in videos[video_id].objects if o.id in expression.object_ids]
+            assert all(o.motion == motion for o in targets), text
+            norm = (x * x + y * y) ** 0.5
+            assert norm == pytest.approx(0.0 if motion == "still" else 1.0, abs=1e-6), text
+            words = set(text.split())
+            if "left" in words or "right" in words:
+                assert (x < 0) == ("left" in words) and x != 0, text
+            if "up" in words or "down" in words:
+                assert (y < 0) == ("up" in words) and y != 0, text  # y grows downwards
+    assert seen[True] > 0 and seen[False] > 0
+
+
+def test_stated_motion_is_unknown_without_a_structured_referent() -> None:
+    from lightning_desa2va.data.datamodule import stated_motion
+    from lightning_desa2va.data.schema import Expression
+
+    assert stated_motion(Expression(text="the thing", object_ids=[1], type="static", label="")).isnan().all()
+    unknown_word = Expression(
+        text="a circle spinning", object_ids=[1], type="motion", label="", attributes={"motion": "spin"}
+    )
+    assert stated_motion(unknown_word).isnan().all()
 
 
 def answer_positions(ids: list[int], start: int, assistant: int, end: int) -> set[int]:

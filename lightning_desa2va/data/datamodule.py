@@ -28,6 +28,7 @@ from lightning_desa2va.data.captions import clip_caption
 from lightning_desa2va.data.chat import IGNORE_INDEX, ChatEncoder, ChatTemplates
 from lightning_desa2va.data.schema import Expression, VideoSample, decode_sample
 from lightning_desa2va.data.shards import SkipCounter, error_handler, split_urls
+from lightning_desa2va.data.synthetic import MOTION, MOTION_VECTORS
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class ClipEncoder:
             "referent_motion_ids": self.chat.referent_motions(video.objects, expression.object_ids),
             "object_look_ids": self.chat.object_looks(video.objects),
             "object_motion_ids": self.chat.object_motions(video.objects),
+            "stated_motion": stated_motion(expression),
             "caption_input_ids": caption_chat.input_ids,
             "caption_labels": caption_chat.labels,
             "has_caption": caption is not None,
@@ -109,6 +111,20 @@ class ClipEncoder:
         return (rgb - self.pixel_mean) / self.pixel_std
 
 
+def stated_motion(expression: Expression) -> Tensor:
+    """(x, y, stated) of the motion an expression states, the motion prompt's target: its unit direction
+    (zero for "still") and 1, or zeros when it states none; NaN where the data has no structured referent
+    (real datasets) or names a motion without a known direction."""
+    if not expression.attributes:
+        return torch.full((3,), float("nan"))
+    if MOTION not in expression.attributes:
+        return torch.zeros(3)
+    direction = MOTION_VECTORS.get(expression.attributes[MOTION])
+    if direction is None:
+        return torch.full((3,), float("nan"))
+    return torch.tensor([*direction, 1.0])
+
+
 def expand_expressions(videos: Iterator[VideoSample]) -> Iterator[tuple[VideoSample, Expression]]:
     """One sample per (video, expression): every expression is supervised, none dropped."""
     for video in videos:
@@ -119,7 +135,7 @@ def expand_expressions(videos: Iterator[VideoSample]) -> Iterator[tuple[VideoSam
 def collate_clips(samples: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
     """Stack clip tensors and right-pad token sequences (attention masks mark the real tokens)."""
     batch: dict[str, Any] = {}
-    for key in ("frames", "vlm_pixels", "target_masks", "instance_masks"):
+    for key in ("frames", "vlm_pixels", "target_masks", "instance_masks", "stated_motion"):
         batch[key] = torch.stack([sample[key] for sample in samples])
     for key, pad in (
         ("input_ids", pad_token_id),

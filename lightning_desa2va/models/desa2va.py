@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from lightning_desa2va.models.decoupler import Decoupler, SegEmbeddings
 from lightning_desa2va.models.fusion import FusedMask, Fusion
+from lightning_desa2va.models.motion_prompt import StatedMotion
 from lightning_desa2va.models.sam2 import FrameFeatures, LanguagePromptedSAM2, MaskPrediction
 from lightning_desa2va.models.text_prompt import TextPrompt, TextPromptHead
 from lightning_desa2va.models.visual_prompt import TokenVisualPrompt
@@ -33,6 +34,7 @@ class DeSa2VAOutput:
     text_points: Tensor | None  # [B, T, K, 2] in pixels
     text_heatmap: Tensor | None  # [B, T, K, h, w] logits, for prompts found on the frame
     image_embeddings: Tensor  # [B·T, C, h, w] what the mask decoder attended to, motion cue included
+    stated_motion: StatedMotion | None = None  # what the motion prompt read from z_t (if it has one)
 
 
 @dataclass
@@ -57,6 +59,7 @@ class DeSa2VA(nn.Module):
         visual_prompt: Callable[..., TokenVisualPrompt],
         fusion: Callable[..., Fusion],
         motion_cue: Callable[..., nn.Module],
+        motion_prompt: Callable[..., nn.Module],
     ) -> None:
         super().__init__()
         self.vlm = vlm
@@ -67,26 +70,34 @@ class DeSa2VA(nn.Module):
         self.visual_prompt = visual_prompt(in_dim=width, prompt_dim=width)
         self.fusion = fusion(embed_dim=width)
         self.motion_cue = motion_cue(embed_dim=width, high_res_dims=sam.high_res_dims)
+        self.motion_prompt = motion_prompt(in_dim=width, prompt_dim=width)
 
     def encode_frames(self, frames: Tensor) -> FrameFeatures:
         """SAM-2 image features of clips [B, T, 3, H, W], flattened to B·T frames, with the motion cue."""
         return self.motion_cue(frames, self.sam.encode_frames(frames.flatten(0, 1)))
 
     def text_masks(
-        self, features: FrameFeatures, z_text: Tensor, num_frames: int
+        self, features: FrameFeatures, z_text: Tensor, num_frames: int, dense: Tensor | None = None
     ) -> tuple[Tensor, TextPrompt]:
-        """Text mask logits [B·T, 1, H, W] from z_t [B, C]: the clip's z_t prompts each of its frames."""
+        """Text mask logits [B·T, 1, H, W] from z_t [B, C]: the clip's z_t prompts each of its frames
+        (with the motion prompt's ``dense`` embeddings, if any)."""
         prompt = self.text_prompt(z_text.repeat_interleave(num_frames, dim=0), self.sam, features)
-        masks = self.sam.decode_prompts(features, prompt.tokens, multimask=self.text_prompt.single_click)
+        masks = self.sam.decode_prompts(
+            features, prompt.tokens, multimask=self.text_prompt.single_click, dense_prompts=dense
+        )
         return masks.logits, prompt
 
-    def visual_masks(self, features: FrameFeatures, z_visual: Tensor, num_frames: int) -> MaskPrediction:
+    def visual_masks(
+        self, features: FrameFeatures, z_visual: Tensor, num_frames: int, dense: Tensor | None = None
+    ) -> MaskPrediction:
         """Visual mask prediction for every frame from z_v [B, C]."""
         tokens = self.visual_prompt(z_visual).repeat_interleave(num_frames, dim=0)
-        return self.sam.decode_prompts(features, tokens)
+        return self.sam.decode_prompts(features, tokens, dense_prompts=dense)
 
     def segment_text(self, frames: Tensor, input_ids: Tensor, attention_mask: Tensor) -> TextSegmentation:
-        """Stage 1: text-only VLM pass on the label prompt → z_t → text masks of the clips [B, T, ...]."""
+        """Stage 1: text-only VLM pass on the label prompt → z_t → text masks of the clips [B, T, ...].
+
+        No motion prompt: the label states no motion (it names the look only)."""
         batch, num_frames = frames.shape[:2]
         seg_hidden = self.vlm(input_ids, attention_mask).seg_hidden
         z_text = self.decoupler(seg_hidden).text
@@ -115,8 +126,9 @@ class DeSa2VA(nn.Module):
         vlm_out = self.vlm(input_ids, attention_mask, vlm_pixels.flatten(0, 1), labels)
         embeddings = self.decoupler(vlm_out.seg_hidden)
         features = self.encode_frames(frames)
-        text_logits, prompt = self.text_masks(features, embeddings.text, num_frames)
-        visual_logits = self.visual_masks(features, embeddings.visual, num_frames).logits
+        motion = self.motion_prompt(embeddings.text, frames, features)
+        text_logits, prompt = self.text_masks(features, embeddings.text, num_frames, motion.dense)
+        visual_logits = self.visual_masks(features, embeddings.visual, num_frames, motion.dense).logits
         per_frame = SegEmbeddings(
             text=embeddings.text.repeat_interleave(num_frames, dim=0),
             visual=embeddings.visual.repeat_interleave(num_frames, dim=0),
@@ -139,4 +151,5 @@ class DeSa2VA(nn.Module):
             text_points=per_clip(prompt.points),
             text_heatmap=per_clip(prompt.heatmap_logits),
             image_embeddings=features.image_embeddings,
+            stated_motion=motion.stated,
         )

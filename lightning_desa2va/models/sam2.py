@@ -128,10 +128,15 @@ class LanguagePromptedSAM2(SAM2Base):
         return FrameFeatures(image_embeddings=maps[-1], high_res_features=maps[:-1], frames=frames)
 
     def decode_prompts(
-        self, features: FrameFeatures, sparse_prompts: Tensor, multimask: bool = False
+        self,
+        features: FrameFeatures,
+        sparse_prompts: Tensor,
+        multimask: bool = False,
+        dense_prompts: Tensor | None = None,
     ) -> MaskPrediction:
         """Decode one mask per frame from sparse prompt embeddings [N, K, C].
 
+        ``dense_prompts`` [N, C, h, w] (e.g. the motion prompt) add to SAM-2's "no mask" dense embedding.
         ``multimask``: decode SAM-2's candidate masks and keep the one its IoU head rates best, as SAM-2
         itself does for a single click (its single-mask output is trained for unambiguous prompts only).
         """
@@ -142,11 +147,14 @@ class LanguagePromptedSAM2(SAM2Base):
                 f"and SAM-2 prompt width {self.prompt_dim}"
             )
         _, dense = self.sam_prompt_encoder(points=None, boxes=None, masks=None)
+        dense = dense.expand(num_frames, -1, -1, -1)
+        if dense_prompts is not None:
+            dense = dense + dense_prompts.to(dense.dtype)
         low_res, iou, _, _ = self.sam_mask_decoder(
             image_embeddings=features.image_embeddings,
             image_pe=self.sam_prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse_prompts.to(features.image_embeddings.dtype),
-            dense_prompt_embeddings=dense.expand(num_frames, -1, -1, -1),
+            dense_prompt_embeddings=dense,
             multimask_output=multimask,
             repeat_image=False,
             high_res_features=features.high_res_features,

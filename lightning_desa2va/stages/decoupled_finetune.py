@@ -72,7 +72,7 @@ class DecoupledFinetuneStage(SegmentationStage):
         penalty = (
             self.model.decoupler.orthogonality_penalty(output.embeddings) if self.loss.uses_orth else None
         )
-        losses = self.loss(output, batch["target_masks"], penalty)
+        losses = self.loss(output, batch["target_masks"], penalty, batch["stated_motion"])
         self.log_dict(self.diagnostics(output), batch_size=len(batch["expression"]))
         return self.log_losses(losses, self.motion_objective(output.image_embeddings, batch), batch)
 
