@@ -22,7 +22,7 @@ from lightning_desa2va.config import compose_config
 
 VARIANTS = {
     "Sa2VA baseline (decoupler=none, fusion=visual)": ["experiment=sa2va_baseline"],
-    "DeSa2VA (linear decoupler, dynamic fusion)": ["experiment=desa2va_tiny"],
+    "DeSa2VA (linear decoupler, dynamic fusion, motion prompt)": ["experiment=desa2va_tiny"],
 }
 WARMUP_STEPS = 2
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"

@@ -43,7 +43,8 @@ def test_sa2va_baseline_experiment_applies_its_components_and_loss(compose) -> N
     cfg = compose("experiment=sa2va_baseline")
     assert cfg.decoupler._target_.endswith("NoDecoupler")
     assert cfg.fusion._target_.endswith("VisualFusion")
-    assert (cfg.loss.w_t, cfg.loss.w_v, cfg.loss.w_orth) == (0.0, 0.0, 0.0)
+    assert (cfg.loss.w_t, cfg.loss.w_v, cfg.loss.w_orth, cfg.loss.w_stated_motion) == (0.0, 0.0, 0.0, 0.0)
+    assert cfg.motion_prompt._target_.endswith("NoMotionPrompt")
     assert cfg.loss.w_f == 1.0  # untouched keys keep the group's defaults
 
 

@@ -109,7 +109,9 @@ def assert_all_nonzero(grads: dict[str, torch.Tensor | None], where: str) -> Non
 
 
 def test_mask_loss_gradient_reaches_every_trained_part_through_seg(make_model, make_batch, build_stage):
-    cfg, model = make_model("stage=decoupled_finetune", "loss.w_lm=0", "loss.w_orth=0")
+    cfg, model = make_model(
+        "stage=decoupled_finetune", "loss.w_lm=0", "loss.w_orth=0", "loss.w_stated_motion=0"
+    )
     stage = build_stage(cfg, model)
     batch = make_batch(model, EXPRESSIONS, num_frames=T)
     output = stage.forward_batch(batch)

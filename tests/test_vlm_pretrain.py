@@ -264,7 +264,7 @@ def test_the_stage_teaches_the_seg_state_its_referent_without_exporting_the_head
 
 
 def test_without_the_referent_weights_the_stage_has_no_heads(make_model, build_stage) -> None:
-    cfg, model = make_model("stage=vlm_pretrain", "stage.w_referent=0")
+    cfg, model = make_model("stage=vlm_pretrain", "stage.w_referent=0", "stage.w_referent_motion=0")
     stage = build_stage(cfg, model)
     assert stage.referent_head is None
-    assert stage.motion_referent_head is None  # its own weight, off by default
+    assert stage.motion_referent_head is None  # its own weight
