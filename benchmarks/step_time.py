@@ -53,7 +53,7 @@ def seconds_per_step(overrides: list[str], data_dir: Path, steps: int, batch_siz
             if parts.stage.loss.uses_orth
             else None
         )
-        loss = parts.stage.loss(output, batch["target_masks"], penalty).total
+        loss = parts.stage.loss(output, batch["target_masks"], penalty, batch["stated_motion"]).total
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
