@@ -47,13 +47,7 @@ def seconds_per_step(overrides: list[str], data_dir: Path, steps: int, batch_siz
     elapsed = 0.0
     for index, batch in enumerate(fixed):
         start = time.perf_counter()
-        output = parts.stage.forward_batch(batch)
-        penalty = (
-            parts.model.decoupler.orthogonality_penalty(output.embeddings)
-            if parts.stage.loss.uses_orth
-            else None
-        )
-        loss = parts.stage.loss(output, batch["target_masks"], penalty, batch["stated_motion"]).total
+        loss = parts.stage.compute_losses(batch)[1].total
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

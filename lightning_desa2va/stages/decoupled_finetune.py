@@ -16,7 +16,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import Tensor
 from torch.nn import functional as F
 
-from lightning_desa2va.losses import TripleSupervisionLoss
+from lightning_desa2va.losses import LossTerms, TripleSupervisionLoss
 from lightning_desa2va.models.desa2va import DeSa2VA, DeSa2VAOutput
 from lightning_desa2va.stages.base import Optimizer, SegmentationStage
 from lightning_desa2va.stages.checkpoints import load_model_weights
@@ -67,12 +67,16 @@ class DecoupledFinetuneStage(SegmentationStage):
         fused = self.forward_batch(batch).fused_logits
         return self.model.propagate(batch["frames"], fused[:, 0]) if self.propagate else fused
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def compute_losses(self, batch: dict[str, Any]) -> tuple[DeSa2VAOutput, LossTerms]:
+        """The model's output for a batch and every loss term on it (what a training step minimises)."""
         output = self.forward_batch(batch)
         penalty = (
             self.model.decoupler.orthogonality_penalty(output.embeddings) if self.loss.uses_orth else None
         )
-        losses = self.loss(output, batch["target_masks"], penalty, batch["stated_motion"])
+        return output, self.loss(output, batch["target_masks"], penalty, batch["stated_motion"])
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        output, losses = self.compute_losses(batch)
         self.log_dict(self.diagnostics(output), batch_size=len(batch["expression"]))
         return self.log_losses(losses, self.motion_objective(output.image_embeddings, batch), batch)
 
