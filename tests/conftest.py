@@ -66,7 +66,7 @@ def make_batch(tokenizer: Any) -> Callable[..., dict[str, Any]]:
     from torch.nn import functional as F
 
     from lightning_desa2va.data.chat import IGNORE_INDEX, ChatEncoder, ChatTemplates
-    from lightning_desa2va.data.datamodule import collate_clips
+    from lightning_desa2va.data.clips import collate_clips
 
     def _make(model: Any, expressions: list[str], num_frames: int = 2, seed: int = 0) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(seed)

@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,7 +68,8 @@ def object_ids(videos: dict[str, VideoSample], video_id: str, text: str) -> list
 
 def normalised(video: VideoSample, datamodule) -> torch.Tensor:
     """All frames of a video as the encoder normalises them [N, 3, H, W] (benchmark size = SAM-2 size)."""
-    rgb = torch.stack([torch.from_numpy(f).permute(2, 0, 1) for f in video.frames]).float() / 255.0
+    frames = [torch.from_numpy(video.frame(t)).permute(2, 0, 1) for t in range(video.num_frames)]
+    rgb = torch.stack(frames).float() / 255.0
     encoder = datamodule.eval_encoder
     return (rgb - encoder.pixel_mean) / encoder.pixel_std
 
@@ -143,7 +145,9 @@ def test_val_clips_hold_every_frame_of_the_video(setup, val_batches, videos) -> 
         for row, video_id in enumerate(batch["video_id"]):
             video = videos[video_id]
             torch.testing.assert_close(batch["frames"][row], normalised(video, datamodule))
-            masks = torch.stack([torch.from_numpy(m) for m in video.masks]).long()
+            masks = torch.stack(
+                [torch.from_numpy(video.mask(t).astype(np.int64)) for t in range(video.num_frames)]
+            )
             assert torch.equal(batch["instance_masks"][row], masks)
 
 
@@ -184,7 +188,7 @@ def test_stated_motion_is_the_direction_the_expression_names(val_batches, videos
 
 
 def test_stated_motion_is_unknown_without_a_structured_referent() -> None:
-    from lightning_desa2va.data.datamodule import stated_motion
+    from lightning_desa2va.data.clips import stated_motion
     from lightning_desa2va.data.schema import Expression
 
     assert stated_motion(Expression(text="the thing", object_ids=[1], type="static", label="")).isnan().all()

@@ -11,7 +11,7 @@ import torch
 
 from lightning_desa2va.data.captions import CaptionTemplates, clip_caption
 from lightning_desa2va.data.chat import IGNORE_INDEX, ChatEncoder, ChatTemplates
-from lightning_desa2va.data.datamodule import ClipEncoder, collate_clips
+from lightning_desa2va.data.clips import ClipEncoder, collate_clips
 from lightning_desa2va.data.schema import ObjectTrack, QAPair
 from lightning_desa2va.data.synthetic import SyntheticConfig, generate_video
 from lightning_desa2va.models.tokenizer import IMAGE_CONTEXT_TOKEN, TURN_END_TOKEN, UNK_TOKEN

@@ -28,6 +28,10 @@ from lightning_desa2va.models.tokenizer import (
 
 IGNORE_INDEX = -100
 ASSISTANT_TURN = f"{TURN_START_TOKEN} {ASSISTANT_ROLE}"
+TOKEN_CACHE_SIZE = 65536
+"""Texts whose token ids an encoder remembers (it forgets them all when full): a sample tokenizes ~25
+texts, most of them repeats (turn markers, labels, object words, QA), and the loader's time went mostly to
+the tokenizer's per-call overhead."""
 
 
 @dataclass
@@ -57,6 +61,7 @@ class ChatEncoder:
         self.tokenizer = tokenizer
         self.templates = templates
         self.image_tokens = image_tokens
+        self._token_cache: dict[str, tuple[int, ...]] = {}
 
     def segmentation(self, expression: str, num_frames: int, qa: list[QAPair]) -> EncodedChat:
         """Frames, the segmentation request and its ``[SEG]`` answer, then up to ``max_qa_turns`` QA turns."""
@@ -150,7 +155,12 @@ class ChatEncoder:
         return EncodedChat(input_ids=torch.tensor(ids), labels=torch.tensor(labels))
 
     def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self._token_cache.get(text)
+        if ids is None:
+            if len(self._token_cache) >= TOKEN_CACHE_SIZE:
+                self._token_cache.clear()
+            ids = self._token_cache[text] = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(ids)
 
 
 def direction_words(track: ObjectTrack) -> str:

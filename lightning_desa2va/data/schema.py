@@ -1,68 +1,122 @@
-"""The one versioned sample layout of every shard this project writes or reads.
+"""The one versioned sample layout of every shard this project writes or reads (schema version 2).
 
-A sample is one video (or one chunk of a video) with everything needed to train and evaluate
-referring video segmentation on it. In a WebDataset tar a sample is the group of members sharing the
-key ``<video_id>``:
+A sample is one video (an image is a one-frame video) with everything needed to train and evaluate
+referring video segmentation on it. In a WebDataset tar it is the group of members sharing one key, the
+video id with every character other than letters, digits, ``-`` and ``_`` replaced by ``_`` (see
+:func:`sample_key`; the true id is in the metadata):
 
-``<video_id>.meta.json``
+``<key>.meta.json``
     UTF-8 JSON object::
 
         {
-          "schema_version": 1,
-          "video_id": "train-000042",
+          "schema_version": 2,
+          "video_id": "train-000042", "source": "synthetic",
           "num_frames": 8, "height": 128, "width": 128,
-          "objects":     [{"id": 1, "colour": "red", "shape": "circle", "motion": "left", "speed": "fast"}],
+          "original_height": 128, "original_width": 128,
+          "frame_names": ["00000", "00001", ...],
+          "objects":     [{"id": 1, "source_id": "", "colour": "red", "shape": "circle",
+                           "motion": "left", "speed": "fast"}],
           "expressions": [{"text": "the red circle", "object_ids": [1], "type": "static",
-                           "label": "red circle", "attributes": {"colour": "red", "shape": "circle"}}],
+                           "label": "red circle", "attributes": {"colour": "red", "shape": "circle"},
+                           "source_id": ""}],
           "qa":          [{"question": "What shape is the red object?", "answer": "circle"}]
         }
 
+    ``height`` × ``width`` is the size of the stored frames and masks, ``original_height`` ×
+    ``original_width`` the source's (they differ when a converter resized the frames, ``--max-size``).
     ``type`` is one of :data:`EXPRESSION_TYPES`: ``static`` (appearance only), ``motion`` (motion only) or
-    ``mixed`` (both). ``label`` is a short category-style text for the target(s), the ground-truth text of
-    stage-1 text pre-training. ``attributes`` is the structured referent (a subset of ``colour``,
-    ``shape``, ``motion``) where the data has one, else empty. Object attributes may be ``""`` (unknown),
-    as they are for real datasets.
-``<video_id>.frame_000.jpg`` ... ``frame_{T-1:03d}.jpg``
-    RGB frames, JPEG (quality :data:`JPEG_QUALITY`, 4:4:4 chroma so small shapes keep their colour).
-``<video_id>.mask_000.png`` ... ``mask_{T-1:03d}.png``
-    8-bit greyscale (mode ``L``) instance-id maps, lossless: ``0`` is background, an object's pixels hold
-    its id. Only visible pixels are labelled, so occlusion is represented; ids are therefore 1..255.
+    ``mixed`` (both); real datasets get their dataset's type (docs/data.md). ``label`` is a short
+    category-style text for the target(s), the ground truth of stage-1 text pre-training (``""``: use the
+    expression). ``attributes`` is the structured referent (a subset of ``colour``, ``shape``, ``motion``)
+    where the data has one, else empty; object attributes are ``""`` when unknown, as for real datasets.
+    ``source_id`` is the dataset's own id of an object or expression (MeViS ``obj_id``, COCO ``ann_id``,
+    an expression's key), ``frame_names`` its frame names, so predictions can be written in its layout.
+``<key>.frame_000.jpg`` ... ``frame_{T-1:03d}.jpg``
+    RGB frames at the stored size, JPEG.
+``<key>.mask_000.png`` ... ``mask_{T-1:03d}.png``
+    16-bit greyscale PNG (mode ``I;16``) instance-id maps at the stored size, lossless: ``0`` is
+    background, an object's visible pixels hold its id (1..65535). One id per pixel, so occlusion is
+    represented; where a source's masks overlap, the converter's rule decides (docs/data.md).
+``<key>.original_mask_000.png`` ...
+    The same maps at the original size, present only when the stored size differs from it, so scores can
+    be computed at the original resolution while training decodes the small maps.
 
-Bump :data:`SCHEMA_VERSION` whenever this layout changes; readers refuse other versions.
+Frames and masks stay encoded in :class:`VideoSample` and are decoded one at a time when asked for, so
+a training clip of T frames decodes T frames of its video, not all of them. Bump :data:`SCHEMA_VERSION`
+whenever this layout changes; readers refuse other versions (:class:`SchemaVersionError`).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-SCHEMA_VERSION = 1
-"""Version written into every sample's ``meta.json``; :func:`decode_sample` rejects any other."""
+SCHEMA_VERSION = 2
+"""Version written into every sample's ``meta.json`` and manifest; readers reject any other."""
 
 EXPRESSION_TYPES = ("static", "motion", "mixed")
 """Expression types, the axis along which per-type J&F is reported."""
 
 JPEG_QUALITY = 90
-"""JPEG quality of the frames: high enough that flat synthetic colours survive the round trip."""
+"""JPEG quality of encoded frames: high enough that flat synthetic colours survive the round trip."""
 
 JPEG_SUBSAMPLING = 0
 """PIL ``subsampling`` value 0 = 4:4:4, keeps colour edges of small objects sharp."""
 
-MAX_OBJECT_ID = 255
-"""Largest object id an 8-bit mask PNG can hold."""
+MASK_PNG_COMPRESS_LEVEL = 1
+"""zlib level of the mask PNGs: level 1 decodes ~2.5x faster than PIL's default 6 (measured on 720p
+instance maps), for masks ~3x larger, still a few kB."""
+
+MAX_OBJECT_ID = 65535
+"""Largest object id a 16-bit mask PNG holds."""
+
+MASK_MODES = ("I;16", "I", "L")
+"""PIL modes a mask PNG may decode to (16-bit greyscale; ``I``/``L`` from other writers)."""
 
 META_KEY = "meta.json"
 FRAME_KEY = "frame_{:03d}.jpg"
 MASK_KEY = "mask_{:03d}.png"
+ORIGINAL_MASK_KEY = "original_mask_{:03d}.png"
+_MEMBER_RE = re.compile(r"^(frame|mask|original_mask)_(\d+)\.(jpg|png)$")
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+SKIP_REASONS = (
+    "truncated_tar",
+    "bad_meta",
+    "frame_count_mismatch",
+    "missing_frame",
+    "missing_mask",
+    "object_without_mask",
+    "corrupt_jpeg",
+    "corrupt_png",
+    "size_mismatch",
+)
+"""Why a sample (reader) or a source item (converter) is skipped; the keys of the skip counts."""
 
 
 class ShardFormatError(ValueError):
-    """A shard or one of its samples does not follow this schema (the message names shard and key)."""
+    """A shard, a sample or a source file does not follow its layout (the message names it).
+
+    ``reason`` (one of :data:`SKIP_REASONS`) is what ``data.on_error=skip`` counts it under.
+    """
+
+    def __init__(self, message: str, reason: str = "bad_meta") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (str(self), self.reason)
+
+
+class SchemaVersionError(ShardFormatError):
+    """Shards of another schema version: a whole data set to rewrite, never skipped sample by sample."""
 
 
 @dataclass
@@ -74,17 +128,19 @@ class ObjectTrack:
     shape: str = ""
     motion: str = ""
     speed: str = ""
+    source_id: str = ""
 
 
 @dataclass
 class Expression:
-    """A referring expression and the object(s) it picks out."""
+    """A referring expression and the object(s) it picks out (none for a "no such object" expression)."""
 
     text: str
     object_ids: list[int]
     type: str
     label: str
     attributes: dict[str, str] = field(default_factory=dict)
+    source_id: str = ""
 
 
 @dataclass
@@ -95,35 +151,230 @@ class QAPair:
     answer: str
 
 
+def sample_key(video_id: str) -> str:
+    """The WebDataset key of a video: no dots (they start the extension) and no path separators."""
+    return _KEY_UNSAFE.sub("_", video_id)
+
+
+def encode_jpeg(frame: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
+    """An HxWx3 uint8 RGB frame as JPEG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format="JPEG", quality=quality, subsampling=JPEG_SUBSAMPLING)
+    return buf.getvalue()
+
+
+def encode_mask(ids: np.ndarray) -> bytes:
+    """An HxW instance-id map (values 0..65535) as 16-bit greyscale PNG bytes."""
+    if ids.size and (ids.min() < 0 or ids.max() > MAX_OBJECT_ID):
+        raise ValueError(f"mask ids must lie in 0..{MAX_OBJECT_ID}, got {ids.min()}..{ids.max()}")
+    buf = io.BytesIO()
+    Image.fromarray(ids.astype(np.uint16)).save(buf, format="PNG", compress_level=MASK_PNG_COMPRESS_LEVEL)
+    return buf.getvalue()
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(height, width) from an encoded image's header, without decoding it."""
+    with Image.open(io.BytesIO(data)) as img:
+        return img.height, img.width
+
+
 @dataclass
 class VideoSample:
-    """A decoded sample: frames (HxWx3 uint8 RGB), masks (HxW uint8 instance ids) and annotations."""
+    """One video: annotations decoded, frames (JPEG) and masks (PNG) kept as bytes until asked for."""
 
     video_id: str
-    frames: list[np.ndarray]
-    masks: list[np.ndarray]
     objects: list[ObjectTrack]
     expressions: list[Expression]
     qa: list[QAPair]
+    frame_data: list[bytes]
+    mask_data: list[bytes]
+    size: tuple[int, int]
+    """(height, width) of the stored frames and masks."""
+    original_size: tuple[int, int] | None = None
+    """(height, width) of the source; ``None``: the stored size."""
+    original_mask_data: list[bytes] = field(default_factory=list)
+    """Masks at the original size; empty when it is the stored size."""
+    frame_names: list[str] = field(default_factory=list)
+    source: str = ""
+    origin: str = ""
+    """Where the sample was read from (shard and key), for error messages; not stored."""
+
+    def __post_init__(self) -> None:
+        self.size = (int(self.size[0]), int(self.size[1]))
+        original = self.size if self.original_size is None else self.original_size
+        self.original_size = (int(original[0]), int(original[1]))
+        if not self.frame_names:
+            self.frame_names = [f"{t:05d}" for t in range(len(self.frame_data))]
+
+    @classmethod
+    def from_arrays(
+        cls,
+        video_id: str,
+        frames: Sequence[np.ndarray],
+        masks: Sequence[np.ndarray],
+        objects: list[ObjectTrack],
+        expressions: list[Expression],
+        qa: list[QAPair],
+        **extra: Any,
+    ) -> VideoSample:
+        """Encode decoded frames (HxWx3 uint8) and instance-id masks (HxW) into a sample."""
+        where = f"sample {video_id!r}"
+        if not frames or len(frames) != len(masks):
+            raise ShardFormatError(f"{where}: {len(frames)} frames but {len(masks)} masks", "missing_mask")
+        height, width = frames[0].shape[:2]
+        for t, (frame, mask) in enumerate(zip(frames, masks, strict=True)):
+            if frame.dtype != np.uint8 or frame.shape != (height, width, 3):
+                raise ShardFormatError(f"{where}: frame {t} is {frame.dtype} {frame.shape}, want uint8 HxWx3")
+            if not np.issubdtype(mask.dtype, np.integer) or mask.shape != (height, width):
+                raise ShardFormatError(f"{where}: mask {t} is {mask.dtype} {mask.shape}, want integer HxW")
+        return cls(
+            video_id,
+            objects,
+            expressions,
+            qa,
+            frame_data=[encode_jpeg(frame) for frame in frames],
+            mask_data=[encode_mask(mask) for mask in masks],
+            size=(height, width),
+            **extra,
+        )
 
     @property
     def num_frames(self) -> int:
         """Number of frames (equal to the number of masks)."""
-        return len(self.frames)
+        return len(self.frame_data)
+
+    @property
+    def resized(self) -> bool:
+        """Whether the stored frames are smaller than the source's (original masks stored apart)."""
+        return self.size != self.original_size
+
+    def frame(self, t: int, min_size: int = 0) -> np.ndarray:
+        """Frame ``t`` as HxWx3 uint8 RGB; with ``min_size``, decoded at the smallest 1/2^k JPEG scale
+        (PIL ``draft``) whose sides stay >= ``min_size``, when that is a real reduction."""
+        key = FRAME_KEY.format(t)
+        try:
+            with Image.open(io.BytesIO(self.frame_data[t])) as img:
+                if (img.height, img.width) != self.size:
+                    raise ShardFormatError(
+                        f"{self._where()}: {key!r} is {img.height}x{img.width}, meta says "
+                        f"{self.size[0]}x{self.size[1]}",
+                        "size_mismatch",
+                    )
+                if min_size and min(img.size) >= 2 * min_size:
+                    img.draft("RGB", (min_size, min_size))
+                return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+        except ShardFormatError:
+            raise
+        except Exception as exn:  # PIL raises several unrelated types for corrupt data
+            raise ShardFormatError(f"{self._where()}: cannot decode {key!r}: {exn}", "corrupt_jpeg") from exn
+
+    def mask(self, t: int) -> np.ndarray:
+        """Instance ids of frame ``t`` at the stored size, HxW uint16."""
+        return self._decode_mask(self.mask_data[t], MASK_KEY.format(t), self.size)
+
+    def original_mask(self, t: int) -> np.ndarray:
+        """Instance ids of frame ``t`` at the original size, H0xW0 uint16."""
+        if not self.resized:
+            return self.mask(t)
+        assert self.original_size is not None
+        return self._decode_mask(self.original_mask_data[t], ORIGINAL_MASK_KEY.format(t), self.original_size)
+
+    def _decode_mask(self, data: bytes, key: str, size: tuple[int, int]) -> np.ndarray:
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                if img.mode not in MASK_MODES:
+                    raise ShardFormatError(
+                        f"{self._where()}: {key!r} is a {img.mode} image, want 16-bit greyscale",
+                        "corrupt_png",
+                    )
+                ids = np.asarray(img)
+        except ShardFormatError:
+            raise
+        except Exception as exn:  # PIL raises several unrelated types for corrupt data
+            raise ShardFormatError(f"{self._where()}: cannot decode {key!r}: {exn}", "corrupt_png") from exn
+        if ids.shape != size:
+            raise ShardFormatError(
+                f"{self._where()}: {key!r} is {ids.shape[0]}x{ids.shape[1]}, meta says {size[0]}x{size[1]}",
+                "size_mismatch",
+            )
+        return ids.astype(np.uint16, copy=False)
+
+    def _where(self) -> str:
+        return self.origin or f"sample {self.video_id!r}"
 
     def meta(self) -> dict[str, Any]:
         """The JSON-able metadata of this sample, exactly as stored in ``meta.json``."""
-        height, width = self.frames[0].shape[:2] if self.frames else (0, 0)
+        assert self.original_size is not None
         return {
             "schema_version": SCHEMA_VERSION,
             "video_id": self.video_id,
+            "source": self.source,
             "num_frames": self.num_frames,
-            "height": int(height),
-            "width": int(width),
+            "height": self.size[0],
+            "width": self.size[1],
+            "original_height": self.original_size[0],
+            "original_width": self.original_size[1],
+            "frame_names": list(self.frame_names),
             "objects": [asdict(o) for o in self.objects],
             "expressions": [asdict(e) for e in self.expressions],
             "qa": [asdict(q) for q in self.qa],
         }
+
+
+def _check_annotations(where: str, objects: list[ObjectTrack], expressions: list[Expression]) -> None:
+    ids = [o.id for o in objects]
+    if len(set(ids)) != len(ids) or any(not 0 < i <= MAX_OBJECT_ID for i in ids):
+        raise ShardFormatError(f"{where}: object ids must be distinct, in 1..{MAX_OBJECT_ID}, got {ids}")
+    for expr in expressions:
+        if expr.type not in EXPRESSION_TYPES:
+            raise ShardFormatError(f"{where}: expression {expr.text!r} has unknown type {expr.type!r}")
+        missing = set(expr.object_ids) - set(ids)
+        if missing:
+            raise ShardFormatError(
+                f"{where}: expression {expr.text!r} names objects {sorted(missing)} that have no mask",
+                "object_without_mask",
+            )
+
+
+def _check_sample(sample: VideoSample) -> None:
+    """Refuse to write samples that readers would reject, so errors surface at the writer."""
+    where = f"sample {sample.video_id!r}"
+    count = sample.num_frames
+    if not count or len(sample.mask_data) != count or len(sample.frame_names) != count:
+        raise ShardFormatError(
+            f"{where}: {count} frames, {len(sample.mask_data)} masks, {len(sample.frame_names)} frame names",
+            "frame_count_mismatch",
+        )
+    if sample.resized != bool(sample.original_mask_data) or len(sample.original_mask_data) not in (0, count):
+        raise ShardFormatError(
+            f"{where}: {len(sample.original_mask_data)} original-size masks for {count} frames stored at "
+            f"{sample.size}, original {sample.original_size}",
+            "missing_mask",
+        )
+    members = [(sample.frame_data, sample.size), (sample.mask_data, sample.size)]
+    members.append((sample.original_mask_data, sample.original_size))
+    for data, size in members:
+        for t, item in enumerate(data):
+            if image_size(item) != size:
+                raise ShardFormatError(
+                    f"{where}: member {t} is {image_size(item)}, want {size}", "size_mismatch"
+                )
+    _check_annotations(where, sample.objects, sample.expressions)
+
+
+def encode_sample(sample: VideoSample) -> dict[str, Any]:
+    """A sample as a WebDataset sample dict (bytes values) following the module's layout."""
+    _check_sample(sample)
+    raw: dict[str, Any] = {
+        "__key__": sample_key(sample.video_id),
+        META_KEY: json.dumps(sample.meta(), sort_keys=True).encode("utf-8"),
+    }
+    for t in range(sample.num_frames):
+        raw[FRAME_KEY.format(t)] = sample.frame_data[t]
+        raw[MASK_KEY.format(t)] = sample.mask_data[t]
+        if sample.original_mask_data:
+            raw[ORIGINAL_MASK_KEY.format(t)] = sample.original_mask_data[t]
+    return raw
 
 
 def _where(raw: dict[str, Any]) -> str:
@@ -131,60 +382,36 @@ def _where(raw: dict[str, Any]) -> str:
     return f"shard {raw.get('__url__', '<unknown shard>')!s}, sample {raw.get('__key__', '<no key>')!r}"
 
 
-def _check_sample(sample: VideoSample) -> None:
-    """Refuse to write samples that readers would reject, so errors surface at the writer."""
-    where = f"sample {sample.video_id!r}"
-    if not sample.frames or len(sample.frames) != len(sample.masks):
-        raise ShardFormatError(f"{where}: {len(sample.frames)} frames but {len(sample.masks)} masks")
-    height, width = sample.frames[0].shape[:2]
-    for t, (frame, mask) in enumerate(zip(sample.frames, sample.masks, strict=True)):
-        if frame.dtype != np.uint8 or frame.shape != (height, width, 3):
-            raise ShardFormatError(f"{where}: frame {t} is {frame.dtype} {frame.shape}, want uint8 HxWx3")
-        if mask.dtype != np.uint8 or mask.shape != (height, width):
-            raise ShardFormatError(f"{where}: mask {t} is {mask.dtype} {mask.shape}, want uint8 HxW")
-    ids = {o.id for o in sample.objects}
-    if any(not 0 < i <= MAX_OBJECT_ID for i in ids):
-        raise ShardFormatError(f"{where}: object ids must lie in 1..{MAX_OBJECT_ID}, got {sorted(ids)}")
-    for expr in sample.expressions:
-        if expr.type not in EXPRESSION_TYPES:
-            raise ShardFormatError(f"{where}: expression {expr.text!r} has unknown type {expr.type!r}")
-        missing = set(expr.object_ids) - ids
+def _members(raw: dict[str, Any], where: str, num_frames: int, resized: bool) -> dict[str, list[bytes]]:
+    """Frame and mask members by kind, checked against the frame count (reasons as the skip counts say)."""
+    found: dict[str, dict[int, bytes]] = {"frame": {}, "mask": {}, "original_mask": {}}
+    for name, value in raw.items():
+        match = _MEMBER_RE.match(name)
+        if match:
+            found[match.group(1)][int(match.group(2))] = value
+    frames = found["frame"]
+    if sorted(frames) != list(range(num_frames)):
+        raise ShardFormatError(
+            f"{where}: meta says {num_frames} frames, the sample has frames {sorted(frames)}",
+            "frame_count_mismatch",
+        )
+    kinds = ("mask", "original_mask") if resized else ("mask",)
+    for kind in kinds:
+        missing = [t for t in range(num_frames) if t not in found[kind]]
         if missing:
+            raise ShardFormatError(f"{where}: no {kind} member for frames {missing}", "missing_mask")
+        extra = sorted(set(found[kind]) - set(range(num_frames)))
+        if extra:
             raise ShardFormatError(
-                f"{where}: expression {expr.text!r} names unknown objects {sorted(missing)}"
+                f"{where}: {kind} members {extra} beyond {num_frames} frames", "frame_count_mismatch"
             )
-
-
-def encode_sample(sample: VideoSample, jpeg_quality: int = JPEG_QUALITY) -> dict[str, Any]:
-    """Encode a sample as a WebDataset sample dict (bytes values) following the module's layout."""
-    _check_sample(sample)
-    raw: dict[str, Any] = {
-        "__key__": sample.video_id,
-        META_KEY: json.dumps(sample.meta(), sort_keys=True).encode("utf-8"),
-    }
-    for t, (frame, mask) in enumerate(zip(sample.frames, sample.masks, strict=True)):
-        buf = io.BytesIO()
-        Image.fromarray(frame).save(buf, format="JPEG", quality=jpeg_quality, subsampling=JPEG_SUBSAMPLING)
-        raw[FRAME_KEY.format(t)] = buf.getvalue()
-        buf = io.BytesIO()
-        Image.fromarray(mask).save(buf, format="PNG")
-        raw[MASK_KEY.format(t)] = buf.getvalue()
-    return raw
-
-
-def _decode_image(raw: dict[str, Any], key: str, mode: str) -> np.ndarray:
-    """Decode one image member, naming it when it is missing or unreadable."""
-    if key not in raw:
-        raise ShardFormatError(f"{_where(raw)}: missing member {key!r}")
-    try:
-        with Image.open(io.BytesIO(raw[key])) as img:
-            return np.asarray(img.convert(mode), dtype=np.uint8).copy()
-    except Exception as exn:  # PIL raises several unrelated types for corrupt data
-        raise ShardFormatError(f"{_where(raw)}: cannot decode {key!r}: {exn}") from exn
+    return {kind: [found[kind][t] for t in range(num_frames)] for kind in ("frame", *kinds)}
 
 
 def decode_sample(raw: dict[str, Any]) -> VideoSample:
-    """Decode and validate a raw WebDataset sample; raise :class:`ShardFormatError` naming what is wrong."""
+    """Parse and check a raw WebDataset sample, keeping its images encoded; raise
+    :class:`ShardFormatError` naming shard, key and what is wrong (:class:`SchemaVersionError` for
+    another schema version)."""
     where = _where(raw)
     if META_KEY not in raw:
         raise ShardFormatError(f"{where}: missing member {META_KEY!r} (members: {sorted(raw)})")
@@ -196,34 +423,38 @@ def decode_sample(raw: dict[str, Any]) -> VideoSample:
         raise ShardFormatError(f"{where}: {META_KEY} is not a JSON object")
     version = meta.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise ShardFormatError(
-            f"{where}: schema_version {version!r}, this reader understands {SCHEMA_VERSION}"
+        raise SchemaVersionError(
+            f"{where}: schema_version {version!r}, this reader reads version {SCHEMA_VERSION}; "
+            "rewrite the shards with this version (desa2va shards synthetic / desa2va shards build)"
         )
     try:
-        num_frames, height, width = int(meta["num_frames"]), int(meta["height"]), int(meta["width"])
+        num_frames = int(meta["num_frames"])
+        size = (int(meta["height"]), int(meta["width"]))
+        original_size = (int(meta["original_height"]), int(meta["original_width"]))
         objects = [ObjectTrack(**o) for o in meta["objects"]]
         expressions = [Expression(**e) for e in meta["expressions"]]
         qa = [QAPair(**q) for q in meta["qa"]]
-        video_id = str(meta["video_id"])
+        frame_names = [str(name) for name in meta["frame_names"]]
+        video_id, source = str(meta["video_id"]), str(meta["source"])
     except (KeyError, TypeError, ValueError) as exn:
         raise ShardFormatError(f"{where}: malformed {META_KEY}: {exn!r}") from exn
-    if num_frames < 1:
-        raise ShardFormatError(f"{where}: num_frames is {num_frames}")
-
-    frames = [_decode_image(raw, FRAME_KEY.format(t), "RGB") for t in range(num_frames)]
-    masks = [_decode_image(raw, MASK_KEY.format(t), "L") for t in range(num_frames)]
-    for t, (frame, mask) in enumerate(zip(frames, masks, strict=True)):
-        if frame.shape[:2] != (height, width) or mask.shape != (height, width):
-            raise ShardFormatError(
-                f"{where}: frame/mask {t} are {frame.shape[:2]}/{mask.shape}, meta says {(height, width)}"
-            )
-    ids = {o.id for o in objects}
-    for expr in expressions:
-        missing = set(expr.object_ids) - ids
-        if missing:
-            raise ShardFormatError(
-                f"{where}: expression {expr.text!r} names unknown objects {sorted(missing)}"
-            )
-        if expr.type not in EXPRESSION_TYPES:
-            raise ShardFormatError(f"{where}: expression {expr.text!r} has unknown type {expr.type!r}")
-    return VideoSample(video_id, frames, masks, objects, expressions, qa)
+    if num_frames < 1 or len(frame_names) != num_frames:
+        raise ShardFormatError(
+            f"{where}: num_frames is {num_frames} with {len(frame_names)} frame names", "frame_count_mismatch"
+        )
+    _check_annotations(where, objects, expressions)
+    members = _members(raw, where, num_frames, resized=size != original_size)
+    return VideoSample(
+        video_id,
+        objects,
+        expressions,
+        qa,
+        frame_data=members["frame"],
+        mask_data=members["mask"],
+        size=size,
+        original_size=original_size,
+        original_mask_data=members.get("original_mask", []),
+        frame_names=frame_names,
+        source=source,
+        origin=where,
+    )

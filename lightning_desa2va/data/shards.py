@@ -1,17 +1,22 @@
 """The one writer and the one reader of WebDataset shards in the :mod:`~lightning_desa2va.data.schema` layout.
 
-Shards of a split are ``{split}-%06d.tar`` in one directory. :func:`write_synthetic_benchmark` writes
-``manifest.json`` last, so its presence means the benchmark is complete.
+Shards of a split are ``{split}-%06d.tar`` in one directory, next to a ``manifest.json`` that says what
+was written (schema version, source, counts per split); it is written last, so its presence means the
+data set is complete. Bad data is either raised (``on_error="raise"``) or skipped and counted by reason
+(``on_error="skip"``) by the handlers here, which also serve the DataModule's pipelines.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+import torch
 import webdataset
 from tqdm import tqdm
 from webdataset.handlers import reraise_exception
@@ -19,6 +24,8 @@ from webdataset.handlers import reraise_exception
 from lightning_desa2va.data.schema import (
     EXPRESSION_TYPES,
     SCHEMA_VERSION,
+    SKIP_REASONS,
+    SchemaVersionError,
     ShardFormatError,
     VideoSample,
     decode_sample,
@@ -32,11 +39,15 @@ SHARD_PATTERN = "{split}-%06d.tar"
 """Shard file names; ``%06d`` is the shard index."""
 
 MANIFEST_NAME = "manifest.json"
+SYNTHETIC_GENERATOR = "lightning_desa2va.data.synthetic"
+"""``generator`` of a synthetic benchmark's manifest (a data dir the demo may rewrite)."""
 
 TAR_MTIME = 0.0
-"""Fixed member mtime, so the same seed writes byte-identical shards."""
+"""Fixed member mtime, so the same input writes byte-identical shards."""
 
 ON_ERROR_CHOICES = ("raise", "skip")
+TAR_ERRORS = (tarfile.TarError, OSError, EOFError)
+"""What reading a damaged tar raises (webdataset passes them to the handler with the shard's url)."""
 
 
 def _shard_glob(split: str) -> str:
@@ -50,11 +61,7 @@ def shard_pattern(out_dir: Path, split: str) -> str:
 
 
 def write_split(
-    samples: Iterable[VideoSample],
-    out_dir: Path,
-    split: str,
-    max_videos_per_shard: int,
-    total: int | None = None,
+    samples: Iterable[VideoSample], out_dir: Path, split: str, max_videos_per_shard: int
 ) -> list[Path]:
     """Write samples into ``out_dir/{split}-000000.tar`` ...; old shards of the split are removed first."""
     if max_videos_per_shard < 1:
@@ -65,28 +72,25 @@ def write_split(
         log.info("removing stale shard %s", stale)
         stale.unlink()
     written: list[Path] = []
-    with (
-        webdataset.ShardWriter(
-            shard_pattern(out_dir, split),
-            maxcount=max_videos_per_shard,
-            verbose=0,
-            post=lambda fname: written.append(Path(fname)),
-            mtime=TAR_MTIME,
-        ) as sink,
-        tqdm(total=total, desc=f"writing {split}", unit="video") as bar,
-    ):
+    with webdataset.ShardWriter(
+        shard_pattern(out_dir, split),
+        maxcount=max_videos_per_shard,
+        verbose=0,
+        post=lambda fname: written.append(Path(fname)),
+        mtime=TAR_MTIME,
+    ) as sink:
         for sample in samples:
             sink.write(encode_sample(sample))
-            bar.update()
     log.info("wrote %d shard(s) of split %r to %s", len(written), split, out_dir)
     return written
 
 
 @dataclass
-class _SplitStats:
+class SplitStats:
     """Counts for the manifest, gathered while the samples stream past."""
 
     num_videos: int = 0
+    num_frames: int = 0
     num_expressions: int = 0
     num_qa: int = 0
     multi_object_expressions: int = 0
@@ -96,12 +100,17 @@ class _SplitStats:
         """Yield the samples unchanged, counting them."""
         for sample in samples:
             self.num_videos += 1
+            self.num_frames += sample.num_frames
             self.num_qa += len(sample.qa)
             for expr in sample.expressions:
                 self.num_expressions += 1
                 self.expression_types[expr.type] += 1
                 self.multi_object_expressions += len(expr.object_ids) > 1
             yield sample
+
+    def entry(self, shards: list[Path], **extra: Any) -> dict[str, Any]:
+        """The manifest's entry of a split."""
+        return {**asdict(self), **extra, "shards": [p.name for p in shards]}
 
 
 def write_synthetic_benchmark(
@@ -119,13 +128,15 @@ def write_synthetic_benchmark(
     shards: dict[str, list[Path]] = {}
     splits: dict[str, dict] = {}
     for split, count in num_videos.items():
-        stats = _SplitStats()
-        samples = stats.tap(generate_split(cfg, split, count, seed))
-        shards[split] = write_split(samples, out_dir, split, max_videos_per_shard, total=count)
-        splits[split] = {**asdict(stats), "shards": [p.name for p in shards[split]]}
+        stats = SplitStats()
+        clips = tqdm(
+            generate_split(cfg, split, count, seed), total=count, desc=f"writing {split}", unit="video"
+        )
+        shards[split] = write_split(stats.tap(clips), out_dir, split, max_videos_per_shard)
+        splits[split] = stats.entry(shards[split])
     manifest = {
         "schema_version": SCHEMA_VERSION,
-        "generator": "lightning_desa2va.data.synthetic",
+        "generator": SYNTHETIC_GENERATOR,
         "seed": seed,
         "max_videos_per_shard": max_videos_per_shard,
         "config": asdict(cfg),
@@ -135,14 +146,44 @@ def write_synthetic_benchmark(
     return shards
 
 
+def update_manifest(out_dir: Path, source: dict[str, Any], split: str, entry: dict[str, Any]) -> dict:
+    """Record one converted split in ``manifest.json``, keeping the other splits of the same source."""
+    path = Path(out_dir) / MANIFEST_NAME
+    manifest: dict[str, Any] = {}
+    if path.is_file():
+        manifest = json.loads(path.read_text())
+    same = manifest.get("schema_version") == SCHEMA_VERSION and manifest.get("source") == source
+    splits = dict(manifest.get("splits", {})) if same else {}
+    splits[split] = entry
+    manifest = {"schema_version": SCHEMA_VERSION, "source": source, "splits": splits}
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
 def read_manifest(data_dir: Path) -> dict:
-    """The benchmark's manifest, or a FileNotFoundError naming where it was looked for."""
+    """The data set's manifest, or a FileNotFoundError naming where it was looked for."""
     path = Path(data_dir) / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(
             f"no {MANIFEST_NAME} in {Path(data_dir).resolve()}: shards missing or incomplete"
         )
     return json.loads(path.read_text())
+
+
+def manifest_version(data_dir: Path) -> int | None:
+    """The schema version a data dir's manifest records (``None`` without a manifest)."""
+    path = Path(data_dir) / MANIFEST_NAME
+    return json.loads(path.read_text()).get("schema_version") if path.is_file() else None
+
+
+def check_schema_version(data_dir: Path) -> None:
+    """Fail before reading when a data dir's manifest says its shards have another schema version."""
+    version = manifest_version(data_dir)
+    if version is not None and version != SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"{data_dir}: shards of schema version {version}, this reader reads version {SCHEMA_VERSION}; "
+            "rewrite them (desa2va shards synthetic / desa2va shards build) or delete the directory"
+        )
 
 
 def split_urls(data_dir: Path, split: str) -> list[str]:
@@ -172,35 +213,57 @@ def _shard_of(exn: BaseException, urls: Iterable[str]) -> str | None:
     return next((u for u in sorted(known) if u in text), None)
 
 
-@dataclass
-class SkipCounter:
-    """A webdataset handler that logs and counts what ``on_error="skip"`` drops.
+def data_error(exn: Exception, urls: Iterable[str]) -> ShardFormatError | None:
+    """The data error an exception reports (a tar error becomes ``truncated_tar``), or ``None`` when it
+    is not about the data (a bug must surface, not be skipped)."""
+    if isinstance(exn, ShardFormatError):
+        return exn
+    if isinstance(exn, TAR_ERRORS):
+        shard = _shard_of(exn, urls) or "<unknown shard>"
+        return ShardFormatError(f"cannot read shard {shard}: {_reason(exn)}", "truncated_tar")
+    return None
 
-    ``count`` counts error events: a truncated shard usually costs one event for the shard and one for
-    the partial sample it ends with.
+
+class SkipCounter:
+    """A webdataset handler that skips bad data, logging it and counting it by reason.
+
+    The counts live in a shared-memory tensor, one row per DataLoader worker (each worker writes its own
+    row, so no increment is lost), so what a worker skips reaches the main process (:meth:`totals`).
     """
 
-    urls: list[str] = field(default_factory=list)
-    count: int = 0
-    messages: list[str] = field(default_factory=list)
+    def __init__(self, num_workers: int = 0, urls: Iterable[str] = ()) -> None:
+        self.counts = torch.zeros(max(1, num_workers), len(SKIP_REASONS), dtype=torch.int64).share_memory_()
+        self.urls: list[str] = list(urls)
+        self.messages: list[str] = []
+        """This process's skip messages (a worker's stay in the worker; its log shows them)."""
 
     def __call__(self, exn: Exception) -> bool:
         """Handler protocol of :mod:`webdataset.handlers`: True means continue with the next item."""
-        self.count += 1
-        message = (
-            str(exn)
-            if isinstance(exn, ShardFormatError)
-            else f"shard {_shard_of(exn, self.urls) or '<unknown>'}: {_reason(exn)}"
-        )
-        self.messages.append(message)
-        log.warning("skipping unreadable data (%d so far): %s", self.count, message)
+        error = data_error(exn, self.urls)
+        if error is None or isinstance(error, SchemaVersionError):
+            raise exn
+        info = torch.utils.data.get_worker_info()
+        row = 0 if info is None else info.id % self.counts.shape[0]
+        self.counts[row, SKIP_REASONS.index(error.reason)] += 1
+        self.messages.append(str(error))
+        log.warning("skipping %s (%d so far): %s", error.reason, self.count, error)
         return True
+
+    @property
+    def count(self) -> int:
+        """Skips of every reason, in every worker."""
+        return int(self.counts.sum())
+
+    def totals(self) -> dict[str, int]:
+        """Skips per reason (every reason, zeros included), summed over the workers."""
+        return dict(zip(SKIP_REASONS, self.counts.sum(dim=0).tolist(), strict=True))
 
 
 def error_handler(
     on_error: str, urls: Iterable[str], skips: SkipCounter | None = None
 ) -> Callable[[Exception], bool]:
-    """A webdataset handler: ``raise`` re-raises naming the shard, ``skip`` counts into ``skips``."""
+    """A webdataset handler: ``raise`` raises the first data error naming shard (and key); ``skip`` counts
+    into ``skips``. A reader of another schema version always raises."""
     urls = list(urls)
     if on_error == "skip":
         counter = skips if skips is not None else SkipCounter()
@@ -210,10 +273,10 @@ def error_handler(
         raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
 
     def raise_naming_shard(exn: Exception) -> bool:
-        shard = None if isinstance(exn, ShardFormatError) else _shard_of(exn, urls)
-        if shard is None:  # already named, or not about reading a shard: leave it as it is
+        error = data_error(exn, urls)
+        if error is None or error is exn:  # already named, or not about the data: leave it as it is
             return reraise_exception(exn)
-        raise ShardFormatError(f"cannot read shard {shard}: {_reason(exn)}") from exn
+        raise error from exn
 
     return raise_naming_shard
 
@@ -221,7 +284,7 @@ def error_handler(
 def read_split(
     urls: list[str] | str, on_error: str = "raise", skips: SkipCounter | None = None
 ) -> Iterator[VideoSample]:
-    """Decoded samples of the given shards in order.
+    """Samples of the given shards in order (images still encoded).
 
     ``on_error="raise"`` raises :class:`ShardFormatError` naming the shard (and sample); ``"skip"`` drops
     unreadable shards and samples, logging each and counting them in ``skips`` when one is given.

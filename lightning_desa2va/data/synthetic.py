@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 COLOUR, SHAPE, MOTION = "colour", "shape", "motion"
 APPEARANCE_KEYS = (COLOUR, SHAPE)
 STILL = "still"
+SYNTHETIC_SOURCE = "synthetic"
+"""``source`` of the generated samples."""
 NO_SPEED = "none"
 """Speed label of still objects."""
 
@@ -555,10 +557,21 @@ def _scene_is_usable(candidates: list[tuple[dict[str, str], frozenset[int]]], co
     return kinds == set(EXPRESSION_TYPES) if count >= 3 else bool(kinds)
 
 
-def generate_video_with_layout(
-    cfg: SyntheticConfig, seed: int, video_id: str
-) -> tuple[VideoSample, list[ObjectLayout]]:
-    """Like :func:`generate_video`, also returning where each object was drawn (for tests and plots)."""
+@dataclass
+class RenderedVideo:
+    """A generated clip: its exact pixels and instance ids, where each object was drawn, and the sample
+    (frames JPEG-encoded) that the shards store."""
+
+    frames: np.ndarray
+    """[T, H, W, 3] uint8 RGB, before JPEG encoding."""
+    masks: np.ndarray
+    """[T, H, W] uint8 visible instance ids."""
+    layouts: list[ObjectLayout]
+    sample: VideoSample
+
+
+def render_video(cfg: SyntheticConfig, seed: int, video_id: str) -> RenderedVideo:
+    """One clip, fully determined by ``(cfg, seed)``, with everything the generator knows about it."""
     rng = np.random.default_rng(seed)
     count = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     for _ in range(cfg.max_scene_attempts):
@@ -610,20 +623,15 @@ def generate_video_with_layout(
 
     expressions = _select_expressions(rng, cfg, specs, ids, candidates)
     qa = _select_qa(rng, cfg, specs)
-    sample = VideoSample(
-        video_id=video_id,
-        frames=list(frames),
-        masks=list(masks),
-        objects=tracks,
-        expressions=expressions,
-        qa=qa,
+    sample = VideoSample.from_arrays(
+        video_id, list(frames), list(masks), tracks, expressions, qa, source=SYNTHETIC_SOURCE
     )
-    return sample, layouts
+    return RenderedVideo(frames, masks, layouts, sample)
 
 
 def generate_video(cfg: SyntheticConfig, seed: int, video_id: str) -> VideoSample:
     """One clip, fully determined by ``(cfg, seed)``; ``video_id`` only names it."""
-    return generate_video_with_layout(cfg, seed, video_id)[0]
+    return render_video(cfg, seed, video_id).sample
 
 
 def video_seed(seed: int, split: str, index: int) -> int:

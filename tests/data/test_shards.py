@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 import webdataset
 
-from lightning_desa2va.data.schema import SCHEMA_VERSION, ShardFormatError, encode_sample
+from lightning_desa2va.data.schema import SCHEMA_VERSION, SchemaVersionError, ShardFormatError, encode_sample
 from lightning_desa2va.data.shards import (
     SkipCounter,
+    check_schema_version,
     error_handler,
     read_manifest,
     read_split,
     split_urls,
+    update_manifest,
     write_split,
     write_synthetic_benchmark,
 )
@@ -66,6 +68,7 @@ def test_manifest(bench) -> None:
         entry = manifest["splits"][split]
         expected = expression_type_counts(generate_split(CFG, split, count, SEED))
         assert entry["num_videos"] == count
+        assert entry["num_frames"] == count * CFG.num_frames
         assert entry["expression_types"] == {k: expected[k] for k in ("static", "motion", "mixed")}
         assert entry["multi_object_expressions"] == expected["multi_object"]
         assert entry["num_expressions"] == sum(entry["expression_types"].values())
@@ -79,9 +82,9 @@ def test_round_trip(bench) -> None:
         assert [r.video_id for r in read] == [m.video_id for m in made]
         for r, m in zip(read, made, strict=True):
             assert r.meta() == m.meta()
-            assert all(np.array_equal(a, b) for a, b in zip(r.masks, m.masks, strict=True))
-            for a, b in zip(r.frames, m.frames, strict=True):
-                assert np.abs(a.astype(int) - b.astype(int)).mean() < JPEG_MEAN_ABS_TOL
+            for t in range(m.num_frames):
+                np.testing.assert_array_equal(r.mask(t), m.mask(t))
+                assert np.abs(r.frame(t).astype(int) - m.frame(t).astype(int)).mean() < JPEG_MEAN_ABS_TOL
 
 
 def test_writing_is_reproducible_and_replaces_stale_shards(bench, tmp_path: Path) -> None:
@@ -110,6 +113,7 @@ def test_truncated_shard(copy_of_train: list[str]) -> None:
     skips = SkipCounter()
     survivors = list(read_split(copy_of_train, on_error="skip", skips=skips))
     assert skips.count >= 1 and any(str(broken) in m for m in skips.messages)
+    assert skips.totals()["truncated_tar"] >= 1
     ids = [s.video_id for s in survivors]
     assert {"train-000000", "train-000001", "train-000002", "train-000006"} <= set(ids)
     assert len(ids) < COUNTS["train"]
@@ -128,21 +132,48 @@ def test_garbage_header(copy_of_train: list[str]) -> None:
     assert [s.video_id for s in survivors][-4:] == [f"train-{i:06d}" for i in range(3, 7)]
 
 
-def test_wrong_schema_version_in_a_shard(tmp_path: Path) -> None:
+def test_a_sample_of_another_schema_version_raises_even_when_skipping(tmp_path: Path) -> None:
     good, old = list(generate_split(CFG, "val", 2, SEED))
     raw = encode_sample(old)
     meta = json.loads(raw["meta.json"])
-    meta["schema_version"] = 0
+    meta["schema_version"] = 1
     raw["meta.json"] = json.dumps(meta).encode()
     path = tmp_path / "val-000000.tar"
     with webdataset.TarWriter(str(path)) as sink:
         sink.write(encode_sample(good))
         sink.write(raw)
-    with pytest.raises(ShardFormatError, match=rf"{path}.*{old.video_id}.*schema_version 0"):
+    for on_error in ("raise", "skip"):
+        with pytest.raises(SchemaVersionError, match=rf"{path}.*{old.video_id}.*schema_version 1"):
+            list(read_split([str(path)], on_error=on_error))
+
+
+def test_a_bad_sample_is_skipped_and_counted_by_reason(tmp_path: Path) -> None:
+    good, bad = list(generate_split(CFG, "val", 2, SEED))
+    raw = encode_sample(bad)
+    del raw["mask_001.png"]
+    path = tmp_path / "val-000000.tar"
+    with webdataset.TarWriter(str(path)) as sink:
+        sink.write(raw)
+        sink.write(encode_sample(good))
+    with pytest.raises(ShardFormatError, match=rf"{path}.*{bad.video_id}.*mask"):
         list(read_split([str(path)]))
     skips = SkipCounter()
     assert [s.video_id for s in read_split([str(path)], on_error="skip", skips=skips)] == [good.video_id]
-    assert skips.count == 1 and old.video_id in skips.messages[0]
+    assert skips.totals() == {**dict.fromkeys(skips.totals(), 0), "missing_mask": 1}
+    assert bad.video_id in skips.messages[0]
+
+
+def test_manifest_version_check_and_converted_splits_merge(tmp_path: Path) -> None:
+    source = {"format": "mevis", "root": "/data/mevis"}
+    update_manifest(tmp_path, source, "train", {"num_videos": 3})
+    manifest = update_manifest(tmp_path, source, "valid_u", {"num_videos": 1})
+    assert set(manifest["splits"]) == {"train", "valid_u"} and manifest["schema_version"] == SCHEMA_VERSION
+    check_schema_version(tmp_path)
+    other = update_manifest(tmp_path, {"format": "refcoco", "root": "/x"}, "val", {"num_videos": 2})
+    assert set(other["splits"]) == {"val"}  # another source starts afresh
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 1}))
+    with pytest.raises(SchemaVersionError, match=rf"{tmp_path}.*version 1.*version 2"):
+        check_schema_version(tmp_path)
 
 
 def test_unknown_on_error(bench) -> None:
@@ -159,6 +190,8 @@ def test_handlers() -> None:
     with pytest.raises(ShardFormatError, match=train):
         raising(OSError("unexpected end of data", train))
     shared = SkipCounter()
+    with pytest.raises(KeyError):  # a bug is not bad data: never skipped
+        shared(KeyError("frames"))
     assert error_handler("skip", [train], shared) is shared
     error_handler("skip", [val], shared)  # one counter may serve several splits
     assert shared(OSError("bad header", train)) is True

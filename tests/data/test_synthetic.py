@@ -13,13 +13,13 @@ from lightning_desa2va.data.schema import EXPRESSION_TYPES, ObjectTrack, VideoSa
 from lightning_desa2va.data.synthetic import (
     MOTION_WORDS,
     NUMBER_WORDS,
-    ObjectLayout,
+    RenderedVideo,
     SyntheticConfig,
     expression_type_counts,
     generate_split,
     generate_video,
-    generate_video_with_layout,
     rasterise,
+    render_video,
     split_words,
     video_seed,
     vocabulary,
@@ -44,16 +44,23 @@ EXPECTED_DIRECTION = {
     "still": (0, 0),
 }
 STEP_TOL_PX = 1.0
+JPEG_MEAN_ABS_TOL = 2.0
 
 
 @pytest.fixture(scope="module")
-def videos() -> list[VideoSample]:
-    return list(generate_split(CFG, "train", NUM_CHECKED, seed=0))
+def rendered() -> list[RenderedVideo]:
+    """The train split of seed 0 as generated, pixels before JPEG encoding included."""
+    return [render_video(CFG, video_seed(0, "train", i), f"train-{i:06d}") for i in range(NUM_CHECKED)]
 
 
 @pytest.fixture(scope="module")
-def with_layouts() -> list[tuple[VideoSample, list[ObjectLayout]]]:
-    return [generate_video_with_layout(CFG, video_seed(1, "val", i), f"v{i}") for i in range(NUM_GEOMETRY)]
+def videos(rendered: list[RenderedVideo]) -> list[VideoSample]:
+    return [clip.sample for clip in rendered]
+
+
+@pytest.fixture(scope="module")
+def with_layouts() -> list[RenderedVideo]:
+    return [render_video(CFG, video_seed(1, "val", i), f"v{i}") for i in range(NUM_GEOMETRY)]
 
 
 def _match(objects: list[ObjectTrack], attributes: dict[str, str]) -> set[int]:
@@ -61,11 +68,7 @@ def _match(objects: list[ObjectTrack], attributes: dict[str, str]) -> set[int]:
 
 
 def _same(a: VideoSample, b: VideoSample) -> bool:
-    return (
-        a.meta() == b.meta()
-        and all(np.array_equal(x, y) for x, y in zip(a.frames, b.frames, strict=True))
-        and all(np.array_equal(x, y) for x, y in zip(a.masks, b.masks, strict=True))
-    )
+    return a.meta() == b.meta() and a.frame_data == b.frame_data and a.mask_data == b.mask_data
 
 
 def test_same_seed_same_video_and_other_seed_differs() -> None:
@@ -82,14 +85,26 @@ def test_splits_are_deterministic_and_differ() -> None:
     other_seed = list(generate_split(CFG, "train", 3, seed=6))
     assert all(_same(x, y) for x, y in zip(train, again, strict=True))
     assert [v.video_id for v in train] == ["train-000000", "train-000001", "train-000002"]
-    assert not any(np.array_equal(x.frames[0], y.frames[0]) for x, y in zip(train, val, strict=True))
-    assert not any(np.array_equal(x.frames[0], y.frames[0]) for x, y in zip(train, other_seed, strict=True))
+    assert not any(np.array_equal(x.frame(0), y.frame(0)) for x, y in zip(train, val, strict=True))
+    assert not any(np.array_equal(x.frame(0), y.frame(0)) for x, y in zip(train, other_seed, strict=True))
 
 
-def test_arrays_have_the_documented_layout(videos: list[VideoSample]) -> None:
-    for video in videos[:20]:
-        assert len(video.frames) == len(video.masks) == CFG.num_frames
-        for frame, mask in zip(video.frames, video.masks, strict=True):
+def test_generate_split_encodes_what_render_video_draws(rendered: list[RenderedVideo]) -> None:
+    assert [v.meta() for v in generate_split(CFG, "train", 3, seed=0)] == [
+        c.sample.meta() for c in rendered[:3]
+    ]
+    for clip in rendered[:5]:
+        for t in range(CFG.num_frames):
+            np.testing.assert_array_equal(clip.sample.mask(t), clip.masks[t])
+            decoded = clip.sample.frame(t).astype(int)
+            assert np.abs(decoded - clip.frames[t]).mean() < JPEG_MEAN_ABS_TOL
+
+
+def test_arrays_have_the_documented_layout(rendered: list[RenderedVideo]) -> None:
+    for clip in rendered[:20]:
+        video = clip.sample
+        assert len(clip.frames) == len(clip.masks) == video.num_frames == CFG.num_frames
+        for frame, mask in zip(clip.frames, clip.masks, strict=True):
             assert frame.shape == (CFG.image_size, CFG.image_size, 3) and frame.dtype == np.uint8
             assert mask.shape == (CFG.image_size, CFG.image_size) and mask.dtype == np.uint8
         assert CFG.min_objects <= len(video.objects) <= CFG.max_objects
@@ -101,8 +116,9 @@ def test_arrays_have_the_documented_layout(videos: list[VideoSample]) -> None:
 def test_masks_are_the_visible_part_of_each_shape(with_layouts) -> None:
     size = (CFG.image_size, CFG.image_size)
     occluded_somewhere = False
-    for video, layouts in with_layouts:
-        for t, mask in enumerate(video.masks):
+    for clip in with_layouts:
+        layouts = clip.layouts
+        for t, mask in enumerate(clip.masks):
             rasters = [rasterise(lay.track.shape, tuple(lay.centres[t]), lay.radius, size) for lay in layouts]
             for k, lay in enumerate(layouts):
                 cx, cy = lay.centres[t]
@@ -117,11 +133,11 @@ def test_masks_are_the_visible_part_of_each_shape(with_layouts) -> None:
     assert occluded_somewhere, "no occlusion in any clip: the benchmark should contain some"
 
 
-def test_frame_pixels_have_object_and_background_colours(videos: list[VideoSample]) -> None:
-    for video in videos[:20]:
-        for frame, mask in zip(video.frames, video.masks, strict=True):
+def test_frame_pixels_have_object_and_background_colours(rendered: list[RenderedVideo]) -> None:
+    for clip in rendered[:20]:
+        for frame, mask in zip(clip.frames, clip.masks, strict=True):
             assert (frame[mask == 0] == CFG.background).all()
-            for obj in video.objects:
+            for obj in clip.sample.objects:
                 assert (frame[mask == obj.id] == CFG.colours[obj.colour]).all()
 
 
@@ -133,8 +149,8 @@ def _centroid(mask: np.ndarray) -> np.ndarray:
 def test_shapes_move_as_labelled(with_layouts) -> None:
     size = (CFG.image_size, CFG.image_size)
     checked_visible_steps = 0
-    for video, layouts in with_layouts:
-        for lay in layouts:
+    for clip in with_layouts:
+        for lay in clip.layouts:
             track = lay.track
             if track.motion == "still":
                 assert track.speed == "none"
@@ -146,7 +162,7 @@ def test_shapes_move_as_labelled(with_layouts) -> None:
             mean_step = (centroids[-1] - centroids[0]) / (len(centroids) - 1)
             np.testing.assert_allclose(mean_step, expected, atol=CENTROID_TOL_PX)
             for t in range(len(rasters) - 1):
-                visible = [video.masks[s] == track.id for s in (t, t + 1)]
+                visible = [clip.masks[s] == track.id for s in (t, t + 1)]
                 if all(np.array_equal(v, r) for v, r in zip(visible, rasters[t : t + 2], strict=True)):
                     step = _centroid(visible[1]) - _centroid(visible[0])
                     np.testing.assert_allclose(step, expected, atol=STEP_TOL_PX)
@@ -154,10 +170,10 @@ def test_shapes_move_as_labelled(with_layouts) -> None:
     assert checked_visible_steps > NUM_GEOMETRY
 
 
-def test_every_object_stays_visible(videos: list[VideoSample]) -> None:
-    for video in videos:
-        for obj in video.objects:
-            assert all((mask == obj.id).any() for mask in video.masks), (video.video_id, obj)
+def test_every_object_stays_visible(rendered: list[RenderedVideo]) -> None:
+    for clip in rendered:
+        for obj in clip.sample.objects:
+            assert all((mask == obj.id).any() for mask in clip.masks), (clip.sample.video_id, obj)
 
 
 def _parse_reference(words: list[str]) -> dict[str, str]:

@@ -1,0 +1,197 @@
+"""One video and one of its expressions → the tensors of one sample; samples → a batch.
+
+A training clip is ``num_frames`` frames chosen by the ``sampling`` strategy (:data:`SAMPLINGS`); an
+evaluation clip is every frame of the video and also carries the ground truth at the original size.
+Only the chosen frames and masks are decoded. Frames are resized twice, for SAM-2 and for the VLM, and
+the expression is tokenized into the chat prompt with ``[SEG]`` (plus the ground-truth label prompt that
+stage 1 uses, and the caption + QA conversation that VLM pre-training uses).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from torch.nn.utils.rnn import pad_sequence
+
+from lightning_desa2va.data.captions import clip_caption
+from lightning_desa2va.data.chat import IGNORE_INDEX, ChatEncoder
+from lightning_desa2va.data.schema import Expression, VideoSample
+from lightning_desa2va.data.synthetic import MOTION, MOTION_VECTORS
+
+SAMPLINGS = ("random_ordered", "random_window", "uniform", "all")
+"""Training frame sampling (``data.sampling``): T distinct random frames in order (Sa2VA's sampler and
+the default), T consecutive frames from a random start, T evenly spaced frames, or every frame. A video
+shorter than T (an image) gives its frames evenly repeated up to T."""
+
+STACKED_KEYS = ("frames", "vlm_pixels", "target_masks", "instance_masks", "stated_motion")
+LIST_KEYS = ("expression", "expression_type", "video_id", "has_caption", "qa_questions")
+ORIGINAL_KEYS = ("original_target_masks", "original_size")
+"""Evaluation only: per clip, bool [T, H0, W0] ground truth at the source's size and (H0, W0)."""
+
+
+def frame_indices(total: int, num_frames: int | None, sampling: str) -> Tensor:
+    """Indices of the frames a clip uses, in order (see :data:`SAMPLINGS`); every frame without
+    ``num_frames``."""
+    if num_frames is None or sampling == "all":
+        return torch.arange(total)
+    if total < num_frames or sampling == "uniform":
+        return torch.linspace(0, total - 1, num_frames).round().long()
+    if sampling == "random_ordered":
+        return torch.randperm(total)[:num_frames].sort().values
+    start = int(torch.randint(total - num_frames + 1, ()))
+    return torch.arange(start, start + num_frames)
+
+
+def nearest_indices(source: int, target: int) -> np.ndarray:
+    """The source rows (or columns) ``F.interpolate(mode="nearest")`` picks for ``target`` outputs:
+    floor(i · source / target) in float32, as torch computes it; gathering them resizes an id map
+    exactly as interpolation would, without converting it to float first."""
+    scale = torch.tensor(source, dtype=torch.float32) / target
+    picks = (torch.arange(target, dtype=torch.float32) * scale).floor().long().clamp(max=source - 1)
+    return picks.numpy()
+
+
+def resize_ids(ids: np.ndarray, size: int) -> np.ndarray:
+    """Nearest-neighbour resize of [T, H, W] id maps to [T, size, size]."""
+    if ids.shape[-2:] == (size, size):
+        return ids
+    rows, cols = nearest_indices(ids.shape[-2], size), nearest_indices(ids.shape[-1], size)
+    return ids[:, rows[:, None], cols[None, :]]
+
+
+def stated_motion(expression: Expression) -> Tensor:
+    """(x, y, stated) of the motion an expression states, the motion prompt's target: its unit direction
+    (zero for "still") and 1, or zeros when it states none; NaN where the data has no structured referent
+    (real datasets) or names a motion without a known direction."""
+    if not expression.attributes:
+        return torch.full((3,), float("nan"))
+    if MOTION not in expression.attributes:
+        return torch.zeros(3)
+    direction = MOTION_VECTORS.get(expression.attributes[MOTION])
+    if direction is None:
+        return torch.full((3,), float("nan"))
+    return torch.tensor([*direction, 1.0])
+
+
+class ClipEncoder:
+    """One video and one of its expressions → the tensors of one sample.
+
+    ``num_frames=None`` makes an evaluation encoder: every frame, plus the original-size ground truth.
+    ``jpeg_draft`` decodes frames at the smallest JPEG scale that still covers the larger model input.
+    """
+
+    def __init__(
+        self,
+        chat: ChatEncoder,
+        num_frames: int | None,
+        sam_image_size: int,
+        vlm_image_size: int,
+        pixel_mean: list[float],
+        pixel_std: list[float],
+        sampling: str = "random_ordered",
+        jpeg_draft: bool = True,
+    ) -> None:
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"data.sampling must be one of {SAMPLINGS}, got {sampling!r}")
+        if num_frames is not None and num_frames < 1:
+            raise ValueError(f"data.num_frames must be >= 1, got {num_frames}")
+        self.chat = chat
+        self.num_frames = num_frames
+        self.sampling = sampling
+        self.sam_image_size = sam_image_size
+        self.vlm_image_size = vlm_image_size
+        self.decode_size = max(sam_image_size, vlm_image_size) if jpeg_draft else 0
+        self.pixel_mean = torch.tensor(pixel_mean).view(1, 3, 1, 1)
+        self.pixel_std = torch.tensor(pixel_std).view(1, 3, 1, 1)
+
+    @property
+    def evaluation(self) -> bool:
+        """Whether clips are whole videos with original-size ground truth."""
+        return self.num_frames is None
+
+    def __call__(self, video: VideoSample, expression: Expression) -> dict[str, Any]:
+        index = frame_indices(video.num_frames, self.num_frames, self.sampling).tolist()
+        frames = np.stack([video.frame(i, self.decode_size) for i in index])
+        rgb = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
+        ids = np.stack([video.mask(i) for i in index])
+        instances = torch.from_numpy(resize_ids(ids, self.sam_image_size).astype(np.int64))
+        object_ids = torch.tensor(expression.object_ids, dtype=torch.long)
+        chat = self.chat.segmentation(expression.text, len(index), video.qa)
+        label_chat = self.chat.label_prompt(expression.label or expression.text)
+        expression_chat = self.chat.label_prompt(expression.text)
+        caption = clip_caption(video.objects, self.chat.templates)
+        caption_chat = self.chat.caption_qa(caption, len(index), video.qa)
+        questions = [pair.question for pair in video.qa[: self.chat.templates.caption_qa_turns]]
+        sample = {
+            "frames": self._normalise(self._resize(rgb, self.sam_image_size)),
+            "vlm_pixels": self._normalise(self._resize(rgb, self.vlm_image_size)),
+            "target_masks": torch.isin(instances, object_ids),
+            "instance_masks": instances,
+            "input_ids": chat.input_ids,
+            "labels": chat.labels,
+            "label_input_ids": label_chat.input_ids,
+            "expression_label_input_ids": expression_chat.input_ids,
+            "referent_word_ids": self.chat.referent_words(video.objects, expression.object_ids),
+            "referent_motion_ids": self.chat.referent_motions(video.objects, expression.object_ids),
+            "object_look_ids": self.chat.object_looks(video.objects),
+            "object_motion_ids": self.chat.object_motions(video.objects),
+            "stated_motion": stated_motion(expression),
+            "caption_input_ids": caption_chat.input_ids,
+            "caption_labels": caption_chat.labels,
+            "has_caption": caption is not None,
+            "qa_questions": questions,
+            "expression": expression.text,
+            "expression_type": expression.type,
+            "video_id": video.video_id,
+        }
+        if self.evaluation:
+            originals = np.stack([video.original_mask(i) for i in index]) if video.resized else ids
+            sample["original_target_masks"] = torch.from_numpy(np.isin(originals, expression.object_ids))
+            sample["original_size"] = video.original_size
+        return sample
+
+    def _resize(self, rgb: Tensor, size: int) -> Tensor:
+        if rgb.shape[-1] == size and rgb.shape[-2] == size:
+            return rgb
+        return F.interpolate(rgb, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+    def _normalise(self, rgb: Tensor) -> Tensor:
+        return (rgb - self.pixel_mean) / self.pixel_std
+
+
+def collate_clips(samples: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+    """Stack clip tensors and right-pad token sequences (attention masks mark the real tokens); clips of
+    one batch must have the same number of frames."""
+    lengths = sorted({sample["frames"].shape[0] for sample in samples})
+    if len(lengths) > 1:
+        videos = sorted({sample["video_id"] for sample in samples})
+        raise ValueError(
+            f"clips of {lengths} frames in one batch (videos {videos}): evaluation uses every frame, so "
+            "videos of different lengths need data.eval_batch_size=1"
+        )
+    batch: dict[str, Any] = {key: torch.stack([sample[key] for sample in samples]) for key in STACKED_KEYS}
+    for key, pad in (
+        ("input_ids", pad_token_id),
+        ("labels", IGNORE_INDEX),
+        ("label_input_ids", pad_token_id),
+        ("expression_label_input_ids", pad_token_id),
+        ("caption_input_ids", pad_token_id),
+        ("caption_labels", IGNORE_INDEX),
+        ("referent_word_ids", IGNORE_INDEX),
+        ("referent_motion_ids", IGNORE_INDEX),
+        ("object_look_ids", IGNORE_INDEX),
+        ("object_motion_ids", IGNORE_INDEX),
+    ):
+        batch[key] = pad_sequence([sample[key] for sample in samples], batch_first=True, padding_value=pad)
+    for prefix in ("", "label_", "expression_label_", "caption_"):
+        batch[f"{prefix}attention_mask"] = pad_sequence(
+            [torch.ones_like(sample[f"{prefix}input_ids"]) for sample in samples], batch_first=True
+        )
+    present = [key for key in ORIGINAL_KEYS if key in samples[0]]
+    for key in (*LIST_KEYS, *present):
+        batch[key] = [sample[key] for sample in samples]
+    return batch
