@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 from hydra.errors import HydraException, InstantiationException
 
 from lightning_desa2va.config import ConfigError, compose_config
+from lightning_desa2va.data.converters import DEFAULT_VIDEOS_PER_SHARD, FORMATS
 from lightning_desa2va.data.schema import ShardFormatError
-from lightning_desa2va.report import print_metrics, print_summary
+from lightning_desa2va.report import print_counts, print_metrics, print_summary
 
 if TYPE_CHECKING:
     from lightning_desa2va.pipeline import StageRun
@@ -70,7 +71,30 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--seed", type=int, default=0)
     synthetic.add_argument("--videos-per-shard", type=int, default=100)
     synthetic.set_defaults(run=_shards_synthetic)
+
+    build = sources.add_parser("build", help="convert a dataset from the layout it ships in (docs/data.md)")
+    build.add_argument("--format", required=True, choices=FORMATS)
+    build.add_argument("--root", type=Path, required=True, help="the dataset's folder")
+    build.add_argument("--split", required=True, help="e.g. train, valid_u; RefCOCO: train, val, testA ...")
+    build.add_argument(
+        "--out", type=Path, required=True, help="shard folder ({split}-%%06d.tar, manifest.json)"
+    )
+    build.add_argument("--workers", type=_positive, default=1, help="processes converting videos")
+    build.add_argument(
+        "--max-size", type=_positive, default=None, help="scale frames to this longer side at most"
+    )
+    build.add_argument("--videos-per-shard", type=_positive, default=DEFAULT_VIDEOS_PER_SHARD)
+    build.add_argument("--refs", default=None, help="RefCOCO: the refs file when the root has several")
+    build.add_argument("--images", type=Path, default=None, help="RefCOCO: the COCO train2014 image folder")
+    build.set_defaults(run=_shards_build)
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 # The jobs import Lightning, transformers and SAM-2 (~15 s on 2 cores), so each handler imports what it
@@ -117,6 +141,26 @@ def _shards_synthetic(args: argparse.Namespace) -> None:
 
     counts = {split: max(1, round(args.videos * share)) for split, share in SPLIT_FRACTIONS.items()}
     write_synthetic_benchmark(args.out, SyntheticConfig(), counts, args.seed, args.videos_per_shard)
+
+
+def _shards_build(args: argparse.Namespace) -> None:
+    from lightning_desa2va.data.converters.build import build_shards
+
+    report = build_shards(
+        args.format,
+        args.root,
+        args.split,
+        args.out,
+        workers=args.workers,
+        max_size=args.max_size,
+        videos_per_shard=args.videos_per_shard,
+        refs=args.refs,
+        images=args.images,
+    )
+    rows = {"videos": report.videos, "expressions": report.expressions, "frames": report.frames}
+    rows |= {f"skipped {reason}": count for reason, count in report.skipped.items() if count}
+    rows["overlapping pixels"] = report.overlapping_pixels
+    print_counts(f"{args.format} {args.split} -> {args.out} ({len(report.shards)} shards)", rows)
 
 
 def _print_runs(runs: list[StageRun]) -> None:

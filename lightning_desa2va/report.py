@@ -51,6 +51,16 @@ def print_metrics(title: str, rows: dict[str, dict[str, float]]) -> None:
     Console().print(table)
 
 
+def print_counts(title: str, rows: dict[str, int]) -> None:
+    """Named counts, one per line (what a shard conversion wrote and skipped)."""
+    table = Table(title=title, box=None, show_header=False)
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    for name, count in rows.items():
+        table.add_row(name, str(count))
+    Console().print(table)
+
+
 def print_reproduction(recipes: dict[str, Recipe], shipped: dict[str, dict], out_dir: Path) -> None:
     """Each foundation's final metrics beside the shipped manifest's, so a reproduction can be judged."""
     table = Table(title=f"tiny foundations written to {out_dir}")

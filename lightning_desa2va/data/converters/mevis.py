@@ -1,0 +1,176 @@
+"""MeViS and ReVOS: JPEG folders, expressions in ``meta_expressions.json``, one COCO RLE per annotation
+and frame in ``mask_dict.json``.
+
+Layouts (``--root``)::
+
+    mevis/<split>/JPEGImages/<video>/<frame>.jpg
+    mevis/<split>/meta_expressions.json    {"videos": {video: {"frames": [frame, ...],
+                                             "expressions": {exp_id: {"exp": text, "obj_id": [int, ...],
+                                                                      "anno_id": [int, ...]}}}}}
+    mevis/<split>/mask_dict.json           {anno_id: [RLE or null, one per frame]}
+
+    ReVOS/JPEGImages/<video>/<frame>.jpg
+    ReVOS/meta_expressions_<split>_.json   (as above; ReVOS adds "type_id", not used)
+    ReVOS/mask_dict.json
+
+An expression's objects are its ``obj_id`` (object ``k`` of a video is shard object ``k + 1``, ``0``
+being background; ``source_id`` keeps ``k``), each drawn from the RLEs of its ``anno_id``. A ReVOS
+expression without objects (nothing in the video matches it) is kept, with an empty target.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from lightning_desa2va.data.converters.common import (
+    Skip,
+    VideoResult,
+    build_sample,
+    paint,
+    read_frame,
+    skip_of,
+)
+from lightning_desa2va.data.schema import Expression, ObjectTrack, ShardFormatError
+
+FRAMES_DIR = "JPEGImages"
+FRAME_SUFFIX = ".jpg"
+
+
+@dataclass
+class RLEVideo:
+    """One video's work: its frames, its expressions and the RLEs of the annotations they name."""
+
+    video: str
+    frame_dir: Path
+    frame_names: list[str]
+    expressions: list[dict[str, Any]]
+    """``{"id", "exp", "obj_id", "anno_id"}`` as in ``meta_expressions.json``."""
+    masks: dict[str, list[Any] | None]
+    """anno_id → one RLE (or null) per frame; ``None`` when ``mask_dict.json`` lacks the annotation."""
+    expression_type: str
+    max_size: int | None
+    source: str
+
+
+def layout(fmt: str, root: Path, split: str) -> tuple[Path, Path, Path]:
+    """(meta_expressions, mask_dict, frame folder) of a split of MeViS or ReVOS."""
+    if fmt == "revos":
+        return root / f"meta_expressions_{split}_.json", root / "mask_dict.json", root / FRAMES_DIR
+    base = root / split
+    return base / "meta_expressions.json", base / "mask_dict.json", base / FRAMES_DIR
+
+
+def _load_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} at {path}")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def tasks(
+    fmt: str, root: Path, split: str, expression_type: str, max_size: int | None, source: str
+) -> list[RLEVideo]:
+    """One task per video of the split."""
+    meta_path, mask_path, frame_dir = layout(fmt, root, split)
+    videos = _load_json(meta_path, "expressions file (meta_expressions)").get("videos")
+    if not isinstance(videos, dict):
+        raise ShardFormatError(f"{meta_path}: no 'videos' object")
+    mask_dict = _load_json(
+        mask_path, "masks file (mask_dict.json; a split without public masks cannot be converted)"
+    )
+    out = []
+    for video, entry in videos.items():
+        expressions = [{"id": str(key), **value} for key, value in entry.get("expressions", {}).items()]
+        anno_ids = {str(anno) for expression in expressions for anno in expression.get("anno_id", [])}
+        out.append(
+            RLEVideo(
+                video=video,
+                frame_dir=frame_dir / video,
+                frame_names=[str(name) for name in entry.get("frames", [])],
+                expressions=expressions,
+                masks={anno: mask_dict.get(anno) for anno in sorted(anno_ids)},
+                expression_type=expression_type,
+                max_size=max_size,
+                source=source,
+            )
+        )
+    return out
+
+
+def decode_rle(rle: dict[str, Any] | None, size: tuple[int, int], where: str) -> np.ndarray:
+    """A COCO RLE (compressed or not; ``None`` = absent from the frame) as an HxW binary mask."""
+    if rle is None:
+        return np.zeros(size, dtype=np.uint8)
+    height, width = (int(v) for v in rle["size"])
+    if (height, width) != size:
+        raise ShardFormatError(
+            f"{where}: RLE of size {height}x{width}, frame {size[0]}x{size[1]}", "size_mismatch"
+        )
+    if isinstance(rle["counts"], list):
+        rle = mask_utils.frPyObjects(rle, height, width)
+    mask = mask_utils.decode(rle)
+    return mask.any(axis=2).astype(np.uint8) if mask.ndim == 3 else mask
+
+
+def _expression(task: RLEVideo, entry: dict[str, Any], objects: dict[int, str]) -> Expression | Skip:
+    """The expression of one ``meta_expressions`` entry, or why it is left out; records its objects."""
+    where = f"video {task.video!r}, expression {entry['id']!r}"
+    obj_ids, anno_ids = [int(o) for o in entry.get("obj_id", [])], [str(a) for a in entry.get("anno_id", [])]
+    paired = len(obj_ids) == len(anno_ids)
+    if not paired or any(objects.get(o, a) != a for o, a in zip(obj_ids, anno_ids, strict=True)):
+        return Skip("bad_meta", f"{where}: obj_id {obj_ids} and anno_id {anno_ids} do not pair up")
+    missing = [a for a in anno_ids if task.masks.get(a) is None]
+    if missing:
+        return Skip("missing_mask", f"{where}: annotations {missing} are not in mask_dict.json")
+    counts = {a: len(task.masks[a] or []) for a in anno_ids}
+    if any(count != len(task.frame_names) for count in counts.values()):
+        return Skip("frame_count_mismatch", f"{where}: {counts} masks for {len(task.frame_names)} frames")
+    empty = [a for a in anno_ids if all(rle is None for rle in task.masks[a] or [])]
+    if empty:
+        return Skip("object_without_mask", f"{where}: annotations {empty} have no mask in any frame")
+    objects.update(zip(obj_ids, anno_ids, strict=True))
+    return Expression(
+        text=str(entry["exp"]),
+        object_ids=[o + 1 for o in obj_ids],
+        type=task.expression_type,
+        label="",
+        source_id=entry["id"],
+    )
+
+
+def convert_video(task: RLEVideo) -> VideoResult:
+    """The sample of one MeViS / ReVOS video (frames read, RLEs painted into instance maps)."""
+    skips: list[Skip] = []
+    objects: dict[int, str] = {}
+    expressions = []
+    for entry in task.expressions:
+        result = _expression(task, entry, objects)
+        (skips if isinstance(result, Skip) else expressions).append(result)
+    if not expressions:
+        return VideoResult(None, skips)
+    try:
+        frames = [
+            read_frame(task.frame_dir / f"{name}{FRAME_SUFFIX}", task.max_size) for name in task.frame_names
+        ]
+        if not frames:
+            raise ShardFormatError(f"video {task.video!r}: no frames listed", "frame_count_mismatch")
+        size = frames[0][1]
+        id_maps, overlaps = [], 0
+        for t, name in enumerate(task.frame_names):
+            where = f"video {task.video!r}, frame {name!r}"
+            masks = {o + 1: decode_rle(task.masks[a][t], size, where) for o, a in objects.items()}  # type: ignore[index]
+            id_map, overlap = paint(masks, size)
+            id_maps.append(id_map)
+            overlaps += overlap
+        tracks = [ObjectTrack(id=o + 1, source_id=str(o)) for o in sorted(objects)]
+        sample = build_sample(
+            task.video, frames, id_maps, tracks, expressions, frame_names=task.frame_names, source=task.source
+        )
+    except ShardFormatError as error:
+        return VideoResult(None, [*skips, skip_of(error)])
+    return VideoResult(sample, skips, overlaps)
