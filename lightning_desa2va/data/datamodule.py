@@ -30,7 +30,9 @@ from lightning_desa2va.data.shards import (
     SkipCounter,
     check_schema_version,
     error_handler,
+    shard_reader,
     split_urls,
+    verified,
 )
 
 log = logging.getLogger(__name__)
@@ -149,16 +151,7 @@ class RefVOSDataModule(pl.LightningDataModule):
         check_schema_version(self.data_dir)
         urls = split_urls(self.data_dir, split)
         handler = error_handler(self.on_error, urls, self.skips[split])
-        shards = wds.WebDataset(
-            urls,
-            shardshuffle=len(urls) if training else False,
-            detshuffle=True,
-            seed=self.seed,
-            nodesplitter=wds.split_by_node,
-            workersplitter=wds.split_by_worker,
-            handler=handler,
-            empty_check=False,
-        )
+        shards = shard_reader(urls, handler, split=True, shuffle_seed=self.seed if training else None)
         samples = self._expressions(shards, handler, shuffle=training)
         return samples.compose(wds.map(lambda pair: encoder(*pair), handler=handler))
 
@@ -175,6 +168,7 @@ class RefVOSDataModule(pl.LightningDataModule):
             self._expressions(
                 wds.DataPipeline(
                     wds.ResampledShards(urls[entry.data_dir], seed=self.seed, deterministic=True),
+                    verified(handler),
                     wds.tarfile_to_samples(handler=handler),
                 ),
                 handler,

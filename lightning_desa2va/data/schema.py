@@ -107,12 +107,14 @@ class ShardFormatError(ValueError):
     ``reason`` (one of :data:`SKIP_REASONS`) is what ``data.on_error=skip`` counts it under.
     """
 
-    def __init__(self, message: str, reason: str = "bad_meta") -> None:
+    def __init__(self, message: str, reason: str = "bad_meta", shard: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason
+        self.shard = shard
+        """The shard a ``truncated_tar`` error is about."""
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return type(self), (str(self), self.reason)
+        return type(self), (str(self), self.reason, self.shard)
 
 
 class SchemaVersionError(ShardFormatError):

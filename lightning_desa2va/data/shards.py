@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -48,6 +49,9 @@ TAR_MTIME = 0.0
 ON_ERROR_CHOICES = ("raise", "skip")
 TAR_ERRORS = (tarfile.TarError, OSError, EOFError)
 """What reading a damaged tar raises (webdataset passes them to the handler with the shard's url)."""
+TAR_BLOCK = 512
+END_OF_ARCHIVE = 2 * TAR_BLOCK
+"""A complete tar ends with two zero blocks after its last member."""
 
 
 def _shard_glob(split: str) -> str:
@@ -197,6 +201,60 @@ def split_urls(data_dir: Path, split: str) -> list[str]:
     return urls
 
 
+def tar_problem(path: str) -> str | None:
+    """Why a local tar file is incomplete (``None`` when it is whole), from its headers alone.
+
+    Reading a tar cut inside a member raises, but one cut in or right before a member header reads as
+    a shorter, complete archive: Python's tarfile stops there silently. The block count and the
+    end-of-archive blocks tell the difference.
+    """
+    size = os.path.getsize(path)
+    if size % TAR_BLOCK:
+        return f"{size} bytes, not a whole number of {TAR_BLOCK}-byte tar blocks: truncated"
+    end = 0
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                end = member.offset_data + -(-member.size // TAR_BLOCK) * TAR_BLOCK
+    except tarfile.TarError as exn:
+        return f"{type(exn).__name__}: {exn}"
+    if end + END_OF_ARCHIVE > size:
+        return f"ends at byte {size} without the end-of-archive blocks: truncated"
+    return None
+
+
+def verified(handler: Callable[[Exception], bool]) -> Callable[[Iterable[dict]], Iterator[dict]]:
+    """A pipeline stage passing shard urls on, reporting an incomplete local tar to ``handler`` first
+    (``truncated_tar``); its readable samples are still read."""
+
+    def stage(urls: Iterable[dict]) -> Iterator[dict]:
+        for item in urls:
+            url = item["url"]
+            problem = tar_problem(url) if os.path.isfile(url) else None
+            if problem:
+                handler(ShardFormatError(f"shard {url}: {problem}", "truncated_tar", shard=url))
+            yield item
+
+    return stage
+
+
+def shard_reader(
+    urls: list[str],
+    handler: Callable[[Exception], bool],
+    split: bool = False,
+    shuffle_seed: int | None = None,
+) -> webdataset.DataPipeline:
+    """Raw samples of the shards: split by node and worker (``split``), shards shuffled by epoch
+    (``shuffle_seed``), each tar checked whole before it is read."""
+    stages: list[Any] = [webdataset.SimpleShardList(urls)]
+    if split:
+        stages += [webdataset.split_by_node, webdataset.split_by_worker]
+    if shuffle_seed is not None:
+        stages.append(webdataset.detshuffle(len(urls), seed=shuffle_seed))
+    stages += [verified(handler), webdataset.tarfile_to_samples(handler=handler)]
+    return webdataset.DataPipeline(*stages)
+
+
 def _reason(exn: BaseException) -> str:
     """Short description of an exception (webdataset appends stream objects to its args)."""
     detail = exn.args[0] if exn.args else ""
@@ -220,7 +278,7 @@ def data_error(exn: Exception, urls: Iterable[str]) -> ShardFormatError | None:
         return exn
     if isinstance(exn, TAR_ERRORS):
         shard = _shard_of(exn, urls) or "<unknown shard>"
-        return ShardFormatError(f"cannot read shard {shard}: {_reason(exn)}", "truncated_tar")
+        return ShardFormatError(f"cannot read shard {shard}: {_reason(exn)}", "truncated_tar", shard=shard)
     return None
 
 
@@ -236,12 +294,18 @@ class SkipCounter:
         self.urls: list[str] = list(urls)
         self.messages: list[str] = []
         """This process's skip messages (a worker's stay in the worker; its log shows them)."""
+        self._incomplete: set[str] = set()
 
     def __call__(self, exn: Exception) -> bool:
         """Handler protocol of :mod:`webdataset.handlers`: True means continue with the next item."""
         error = data_error(exn, self.urls)
         if error is None or isinstance(error, SchemaVersionError):
             raise exn
+        if error.reason == "truncated_tar" and error.shard is not None:
+            if error.shard in self._incomplete and error is not exn:  # reading it fails as the check said
+                log.debug("already counted: %s", error)
+                return True
+            self._incomplete.add(error.shard)
         info = torch.utils.data.get_worker_info()
         row = 0 if info is None else info.id % self.counts.shape[0]
         self.counts[row, SKIP_REASONS.index(error.reason)] += 1
@@ -291,12 +355,4 @@ def read_split(
     """
     urls = [urls] if isinstance(urls, str) else [str(u) for u in urls]
     handler = error_handler(on_error, urls, skips)
-    dataset = webdataset.WebDataset(
-        urls,
-        handler=handler,
-        shardshuffle=False,
-        nodesplitter=None,
-        workersplitter=None,
-        empty_check=False,
-    ).map(decode_sample, handler=handler)
-    return iter(dataset)
+    return iter(shard_reader(urls, handler).compose(webdataset.map(decode_sample, handler=handler)))

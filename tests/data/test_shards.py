@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tarfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from lightning_desa2va.data.shards import (
     read_manifest,
     read_split,
     split_urls,
+    tar_problem,
     update_manifest,
     write_split,
     write_synthetic_benchmark,
@@ -197,3 +199,16 @@ def test_handlers() -> None:
     assert shared(OSError("bad header", train)) is True
     assert shared(OSError("bad header", val)) is True
     assert shared.count == 2 and train in shared.messages[0] and val in shared.messages[1]
+
+
+def test_a_tar_cut_right_before_a_member_is_reported_not_read_as_shorter(copy_of_train: list[str]) -> None:
+    path = Path(copy_of_train[0])
+    with tarfile.open(path) as tar:
+        second = next(m for m in tar.getmembers() if m.name.startswith("train-000001."))
+    path.write_bytes(path.read_bytes()[: second.offset])  # whole blocks, ends where a header would start
+    assert tar_problem(str(path)) is not None and tar_problem(copy_of_train[1]) is None
+    with pytest.raises(ShardFormatError, match=rf"{path}.*end-of-archive"):
+        list(read_split([str(path)]))
+    skips = SkipCounter()
+    assert [s.video_id for s in read_split([str(path)], on_error="skip", skips=skips)] == ["train-000000"]
+    assert skips.totals()["truncated_tar"] == 1
