@@ -104,3 +104,13 @@ def test_two_ranks_of_two_workers_read_each_sample_once(
             seen.update(pairs)
     assert seen == expected  # every (video, expression) once, none twice
     assert all(count > 0 for count in per_reader)
+
+
+def test_the_mixed_config_composes_over_the_defaults(compose) -> None:
+    data = compose("data=mixed").data
+    assert [(entry.data_dir, entry.weight) for entry in data.train_mix] == [
+        ("data/mevis", 0.7),
+        ("data/refcoco", 0.3),
+    ]
+    assert (data.samples_per_epoch, data.eval_batch_size, data.on_error) == (20000, 1, "skip")
+    assert data.num_frames == compose().data.num_frames  # the rest is shapes.yaml's
