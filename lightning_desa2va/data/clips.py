@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import pad_sequence
 from lightning_desa2va.data.captions import clip_caption
 from lightning_desa2va.data.chat import IGNORE_INDEX, ChatEncoder
 from lightning_desa2va.data.schema import Expression, VideoSample
-from lightning_desa2va.data.synthetic import MOTION, MOTION_VECTORS
+from lightning_desa2va.data.synthetic_words import MOTION, MOTION_VECTORS
 
 SAMPLINGS = ("random_ordered", "random_window", "uniform", "all")
 """Training frame sampling (``data.sampling``): T distinct random frames in order (Sa2VA's sampler and
