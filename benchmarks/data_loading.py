@@ -15,7 +15,10 @@ The benchmark writes its own MeViS-layout dataset into a temporary folder (720p 
 
 The figures that matter are the ratios a / b and a / c, which hold across machines better than samples/s.
 
-    .venv/bin/python benchmarks/data_loading.py [--videos 20] [--frames 30 80] [--max-size 256] [--batches 30]
+    .venv/bin/python benchmarks/data_loading.py [--videos 20] [--frames 30 80] [--max-size 256] [--rounds 3]
+
+Rates are medians over interleaved rounds (a change in the machine's load weighs on all alike); the title
+gives the load average, which on a shared machine says how far the absolute figures are from an idle one.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -51,6 +55,8 @@ JPEG_QUALITY = 90
 NOISE = 8.0
 """Pixel noise (std) on the smooth scene, so the JPEGs have a real video's size (~150-250 kB at 720p)."""
 WARMUP_BATCHES = 2
+PREFETCH_FACTOR = 2
+"""Batches each DataLoader worker prepares ahead (PyTorch's default ``prefetch_factor``)."""
 CONVERSION_WORKERS = 2
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
 OVERRIDES = ["experiment=desa2va_tiny", "stage=decoupled_finetune"]
@@ -155,36 +161,85 @@ class Sa2VAStyleMeViS(Dataset):
 
 
 def endless(loader: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Batches of epoch after epoch."""
-    while True:
-        yield from loader
+    """Batches of epoch after epoch, after ``WARMUP_BATCHES`` not timed (worker start, first reads)."""
 
+    def batches() -> Iterator[dict[str, Any]]:
+        while True:
+            yield from loader
 
-def samples_per_second(loader: Iterable[dict[str, Any]], count: int) -> float:
-    """Throughput of a loader over ``count`` batches after the warm-up (worker start included there)."""
-    iterator = endless(loader)
+    iterator = batches()
     for _ in range(WARMUP_BATCHES):
         next(iterator)
+    return iterator
+
+
+def samples_per_second(batches: Iterator[dict[str, Any]], count: int, prefetched: int) -> float:
+    """Throughput of a loader over ``count`` batches, after the ``prefetched`` ones its workers made
+    while other loaders were timed (those would come for free)."""
+    for _ in range(prefetched):
+        next(batches)
     start, samples = time.perf_counter(), 0
     for _ in range(count):
-        samples += len(next(iterator)["expression"])
+        samples += len(next(batches)["expression"])
     return samples / (time.perf_counter() - start)
 
 
-def training_samples_per_second(parts: Any, batches: list[dict[str, Any]]) -> float:
-    """Samples/s of stage-2 training steps (forward + backward + optimizer) on fixed batches."""
-    optimizer = parts.stage.configure_optimizers()
-    elapsed, samples = 0.0, 0
-    for index, batch in enumerate(batches):
-        start = time.perf_counter()
-        loss = parts.stage.compute_losses(batch)[1].total
-        optimizer.zero_grad()
+class TrainingSteps:
+    """Stage-2 training steps (forward + backward + optimizer) of the tiny model on fixed batches."""
+
+    def __init__(self, parts: Any, batches: list[dict[str, Any]]) -> None:
+        self.parts, self.batches = parts, batches
+        self.optimizer = parts.stage.configure_optimizers()
+        for batch in batches[:WARMUP_BATCHES]:
+            self.step(batch)
+
+    def step(self, batch: dict[str, Any]) -> None:
+        loss = self.parts.stage.compute_losses(batch)[1].total
+        self.optimizer.zero_grad()
         loss.backward()
-        optimizer.step()
-        if index >= WARMUP_BATCHES:
-            elapsed += time.perf_counter() - start
+        self.optimizer.step()
+
+    def samples_per_second(self, count: int) -> float:
+        start, samples = time.perf_counter(), 0
+        for index in range(count):
+            batch = self.batches[index % len(self.batches)]
+            self.step(batch)
             samples += len(batch["expression"])
-    return samples / elapsed
+        return samples / (time.perf_counter() - start)
+
+
+def measure(args: argparse.Namespace, root: Path) -> tuple[dict[str, float], Any]:
+    """Median samples/s of (a), (a'), (b) and (c) over ``args.rounds`` interleaved rounds, so a change in
+    the machine's load during the run weighs on all of them alike."""
+    cfg = compose_config([*OVERRIDES, f"paths.data_dir={root / 'resized'}"], EXPERIMENTS_DIR)
+    parts = build_components(cfg)
+    datamodule = parts.datamodule
+    loaders = {
+        name: build_datamodule(
+            compose_config([*OVERRIDES, f"paths.data_dir={root / name}"], EXPERIMENTS_DIR),
+            parts.tokenizer,
+            parts.model,
+        ).train_dataloader()
+        for name in ("resized", "720p")
+    }
+    loaders["sa2va"] = DataLoader(
+        Sa2VAStyleMeViS(root / "mevis", datamodule.train_encoder),
+        batch_size=datamodule.batch_size,
+        shuffle=True,
+        num_workers=datamodule.num_workers,
+        collate_fn=lambda samples: collate_clips(samples, parts.tokenizer.pad_token_id),
+        persistent_workers=datamodule.num_workers > 0,
+    )
+    streams = {name: endless(loader) for name, loader in loaders.items()}
+    training = TrainingSteps(parts, [next(streams["resized"]) for _ in range(WARMUP_BATCHES + args.steps)])
+    rates: dict[str, list[float]] = {name: [] for name in (*streams, "training")}
+    per_round = max(1, args.batches // args.rounds)
+    prefetched = PREFETCH_FACTOR * datamodule.num_workers
+    for _ in range(args.rounds):
+        for name, stream in streams.items():
+            rates[name].append(samples_per_second(stream, per_round, prefetched))
+        rates["training"].append(training.samples_per_second(max(1, args.steps // args.rounds)))
+    return {name: float(np.median(values)) for name, values in rates.items()}, datamodule
 
 
 def main() -> None:
@@ -194,8 +249,9 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=20)
     parser.add_argument("--frames", type=int, nargs=2, default=(30, 80), help="frames per video, min max")
     parser.add_argument("--max-size", type=int, default=256, help="frames' longer side in the shards of (a)")
-    parser.add_argument("--batches", type=int, default=30, help="timed batches of (a) and (b)")
-    parser.add_argument("--steps", type=int, default=8, help="timed training steps of (c)")
+    parser.add_argument("--batches", type=int, default=30, help="timed batches of (a), (a') and (b)")
+    parser.add_argument("--steps", type=int, default=9, help="timed training steps of (c)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -204,53 +260,29 @@ def main() -> None:
         write_mevis_layout(root / "mevis", args.videos, tuple(args.frames), args.seed)
         for name, max_size in (("resized", args.max_size), ("720p", None)):
             build_shards("mevis", root / "mevis", "train", root / name, CONVERSION_WORKERS, max_size)
-        cfg = compose_config([*OVERRIDES, f"paths.data_dir={root / 'resized'}"], EXPERIMENTS_DIR)
-        parts = build_components(cfg)
-        loaders = {
-            name: build_datamodule(
-                compose_config([*OVERRIDES, f"paths.data_dir={root / name}"], EXPERIMENTS_DIR),
-                parts.tokenizer,
-                parts.model,
-            ).train_dataloader()
-            for name in ("resized", "720p")
-        }
-        datamodule = parts.datamodule
-        sa2va = DataLoader(
-            Sa2VAStyleMeViS(root / "mevis", datamodule.train_encoder),
-            batch_size=datamodule.batch_size,
-            shuffle=True,
-            num_workers=datamodule.num_workers,
-            collate_fn=lambda samples: collate_clips(samples, parts.tokenizer.pad_token_id),
-            persistent_workers=datamodule.num_workers > 0,
-        )
-        shard_rate = samples_per_second(loaders["resized"], args.batches)
-        full_rate = samples_per_second(loaders["720p"], args.batches)
-        sa2va_rate = samples_per_second(sa2va, args.batches)
-        fixed = [
-            batch for batch, _ in zip(loaders["resized"], range(WARMUP_BATCHES + args.steps), strict=False)
-        ]
-        train_rate = training_samples_per_second(parts, fixed)
-    rates = {
-        f"(a) shard loader, frames resized at conversion (--max-size {args.max_size})": shard_rate,
-        "(a') shard loader, 720p frames in the shards (JPEG draft decoding)": full_rate,
-        "(b) Sa2VA-style: 720p JPEG folder + mask_dict.json RLEs per sample": sa2va_rate,
-        "(c) tiny DeSa2VA stage-2 training consumption": train_rate,
+        rates, datamodule = measure(args, root)
+    rows = {
+        f"(a) shard loader, frames resized at conversion (--max-size {args.max_size})": rates["resized"],
+        "(a') shard loader, 720p frames in the shards (JPEG draft decoding)": rates["720p"],
+        "(b) Sa2VA-style: 720p JPEG folder + mask_dict.json RLEs per sample": rates["sa2va"],
+        "(c) tiny DeSa2VA stage-2 training consumption": rates["training"],
     }
     title = (
         f"samples/s, {args.videos} MeViS-layout videos of {args.frames[0]}-{args.frames[1]} 720p frames, "
         f"batch {datamodule.batch_size}, T={datamodule.train_encoder.num_frames}, "
-        f"{datamodule.num_workers} loader worker(s), {torch.get_num_threads()} threads"
+        f"{datamodule.num_workers} loader worker(s), {torch.get_num_threads()} threads, "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
     table = Table(title=title)
     for column in ("what", "samples / s"):
         table.add_column(column)
-    for name, rate in rates.items():
+    for name, rate in rows.items():
         table.add_row(name, f"{rate:.1f}")
     for name, ratio in (
-        ("a / b (target >= 3)", shard_rate / sa2va_rate),
-        ("a / c (target >= 5)", shard_rate / train_rate),
-        ("a' / b", full_rate / sa2va_rate),
-        ("a' / c", full_rate / train_rate),
+        ("a / b (target >= 3)", rates["resized"] / rates["sa2va"]),
+        ("a / c (target >= 5)", rates["resized"] / rates["training"]),
+        ("a' / b", rates["720p"] / rates["sa2va"]),
+        ("a' / c", rates["720p"] / rates["training"]),
     ):
         table.add_row(name, f"{ratio:.2f}")
     Console().print(table)

@@ -170,8 +170,8 @@ def collate_clips(samples: list[dict[str, Any]], pad_token_id: int) -> dict[str,
     if len(lengths) > 1:
         videos = sorted({sample["video_id"] for sample in samples})
         raise ValueError(
-            f"clips of {lengths} frames in one batch (videos {videos}): evaluation uses every frame, so "
-            "videos of different lengths need data.eval_batch_size=1"
+            f"clips of {lengths} frames in one batch (videos {videos}): evaluation (and data.sampling=all) "
+            "use every frame, so videos of different lengths need batches of 1 (data.eval_batch_size=1)"
         )
     batch: dict[str, Any] = {key: torch.stack([sample[key] for sample in samples]) for key in STACKED_KEYS}
     for key, pad in (

@@ -24,7 +24,8 @@ from transformers import PreTrainedTokenizerBase
 
 from lightning_desa2va.data.chat import ChatEncoder, ChatTemplates
 from lightning_desa2va.data.clips import ClipEncoder, collate_clips
-from lightning_desa2va.data.schema import SKIP_REASONS, Expression, VideoSample, decode_sample
+from lightning_desa2va.data.errors import SKIP_REASONS
+from lightning_desa2va.data.schema import Expression, VideoSample, decode_sample
 from lightning_desa2va.data.shards import (
     ON_ERROR_CHOICES,
     SkipCounter,

@@ -43,12 +43,13 @@ video id with every character other than letters, digits, ``-`` and ``_`` replac
 
 Frames and masks stay encoded in :class:`VideoSample` and are decoded one at a time when asked for, so
 a training clip of T frames decodes T frames of its video, not all of them. Bump :data:`SCHEMA_VERSION`
-whenever this layout changes; readers refuse other versions (:class:`SchemaVersionError`).
+whenever this layout changes; readers refuse other versions (:class:`SchemaVersionError`). The image
+encodings are :mod:`~lightning_desa2va.data.codec`'s, the errors and skip reasons
+:mod:`~lightning_desa2va.data.errors`'.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from collections.abc import Sequence
@@ -56,7 +57,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image
+
+from lightning_desa2va.data.codec import (
+    MAX_OBJECT_ID,
+    decode_frame,
+    decode_mask,
+    encode_jpeg,
+    encode_mask,
+    image_size,
+)
+from lightning_desa2va.data.errors import SchemaVersionError, ShardFormatError
 
 SCHEMA_VERSION = 2
 """Version written into every sample's ``meta.json`` and manifest; readers reject any other."""
@@ -64,61 +74,12 @@ SCHEMA_VERSION = 2
 EXPRESSION_TYPES = ("static", "motion", "mixed")
 """Expression types, the axis along which per-type J&F is reported."""
 
-JPEG_QUALITY = 90
-"""JPEG quality of encoded frames: high enough that flat synthetic colours survive the round trip."""
-
-JPEG_SUBSAMPLING = 0
-"""PIL ``subsampling`` value 0 = 4:4:4, keeps colour edges of small objects sharp."""
-
-MASK_PNG_COMPRESS_LEVEL = 1
-"""zlib level of the mask PNGs: level 1 decodes ~2.5x faster than PIL's default 6 (measured on 720p
-instance maps), for masks ~3x larger, still a few kB."""
-
-MAX_OBJECT_ID = 65535
-"""Largest object id a 16-bit mask PNG holds."""
-
-MASK_MODES = ("I;16", "I", "L")
-"""PIL modes a mask PNG may decode to (16-bit greyscale; ``I``/``L`` from other writers)."""
-
 META_KEY = "meta.json"
 FRAME_KEY = "frame_{:03d}.jpg"
 MASK_KEY = "mask_{:03d}.png"
 ORIGINAL_MASK_KEY = "original_mask_{:03d}.png"
 _MEMBER_RE = re.compile(r"^(frame|mask|original_mask)_(\d+)\.(jpg|png)$")
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
-
-SKIP_REASONS = (
-    "truncated_tar",
-    "bad_meta",
-    "frame_count_mismatch",
-    "missing_frame",
-    "missing_mask",
-    "object_without_mask",
-    "corrupt_jpeg",
-    "corrupt_png",
-    "size_mismatch",
-)
-"""Why a sample (reader) or a source item (converter) is skipped; the keys of the skip counts."""
-
-
-class ShardFormatError(ValueError):
-    """A shard, a sample or a source file does not follow its layout (the message names it).
-
-    ``reason`` (one of :data:`SKIP_REASONS`) is what ``data.on_error=skip`` counts it under.
-    """
-
-    def __init__(self, message: str, reason: str = "bad_meta", shard: str | None = None) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.shard = shard
-        """The shard a ``truncated_tar`` error is about."""
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return type(self), (str(self), self.reason, self.shard)
-
-
-class SchemaVersionError(ShardFormatError):
-    """Shards of another schema version: a whole data set to rewrite, never skipped sample by sample."""
 
 
 @dataclass
@@ -156,28 +117,6 @@ class QAPair:
 def sample_key(video_id: str) -> str:
     """The WebDataset key of a video: no dots (they start the extension) and no path separators."""
     return _KEY_UNSAFE.sub("_", video_id)
-
-
-def encode_jpeg(frame: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
-    """An HxWx3 uint8 RGB frame as JPEG bytes."""
-    buf = io.BytesIO()
-    Image.fromarray(frame).save(buf, format="JPEG", quality=quality, subsampling=JPEG_SUBSAMPLING)
-    return buf.getvalue()
-
-
-def encode_mask(ids: np.ndarray) -> bytes:
-    """An HxW instance-id map (values 0..65535) as 16-bit greyscale PNG bytes."""
-    if ids.size and (ids.min() < 0 or ids.max() > MAX_OBJECT_ID):
-        raise ValueError(f"mask ids must lie in 0..{MAX_OBJECT_ID}, got {ids.min()}..{ids.max()}")
-    buf = io.BytesIO()
-    Image.fromarray(ids.astype(np.uint16)).save(buf, format="PNG", compress_level=MASK_PNG_COMPRESS_LEVEL)
-    return buf.getvalue()
-
-
-def image_size(data: bytes) -> tuple[int, int]:
-    """(height, width) from an encoded image's header, without decoding it."""
-    with Image.open(io.BytesIO(data)) as img:
-        return img.height, img.width
 
 
 @dataclass
@@ -252,54 +191,20 @@ class VideoSample:
 
     def frame(self, t: int, min_size: int = 0) -> np.ndarray:
         """Frame ``t`` as HxWx3 uint8 RGB; with ``min_size``, decoded at the smallest 1/2^k JPEG scale
-        (PIL ``draft``) whose sides stay >= ``min_size``, when that is a real reduction."""
-        key = FRAME_KEY.format(t)
-        try:
-            with Image.open(io.BytesIO(self.frame_data[t])) as img:
-                if (img.height, img.width) != self.size:
-                    raise ShardFormatError(
-                        f"{self._where()}: {key!r} is {img.height}x{img.width}, meta says "
-                        f"{self.size[0]}x{self.size[1]}",
-                        "size_mismatch",
-                    )
-                if min_size and min(img.size) >= 2 * min_size:
-                    img.draft("RGB", (min_size, min_size))
-                return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
-        except ShardFormatError:
-            raise
-        except Exception as exn:  # PIL raises several unrelated types for corrupt data
-            raise ShardFormatError(f"{self._where()}: cannot decode {key!r}: {exn}", "corrupt_jpeg") from exn
+        whose sides stay >= ``min_size`` (see :func:`~lightning_desa2va.data.codec.decode_frame`)."""
+        return decode_frame(self.frame_data[t], self.size, min_size, self._where(), FRAME_KEY.format(t))
 
     def mask(self, t: int) -> np.ndarray:
         """Instance ids of frame ``t`` at the stored size, HxW uint16."""
-        return self._decode_mask(self.mask_data[t], MASK_KEY.format(t), self.size)
+        return decode_mask(self.mask_data[t], self.size, self._where(), MASK_KEY.format(t))
 
     def original_mask(self, t: int) -> np.ndarray:
         """Instance ids of frame ``t`` at the original size, H0xW0 uint16."""
         if not self.resized:
             return self.mask(t)
         assert self.original_size is not None
-        return self._decode_mask(self.original_mask_data[t], ORIGINAL_MASK_KEY.format(t), self.original_size)
-
-    def _decode_mask(self, data: bytes, key: str, size: tuple[int, int]) -> np.ndarray:
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                if img.mode not in MASK_MODES:
-                    raise ShardFormatError(
-                        f"{self._where()}: {key!r} is a {img.mode} image, want 16-bit greyscale",
-                        "corrupt_png",
-                    )
-                ids = np.asarray(img)
-        except ShardFormatError:
-            raise
-        except Exception as exn:  # PIL raises several unrelated types for corrupt data
-            raise ShardFormatError(f"{self._where()}: cannot decode {key!r}: {exn}", "corrupt_png") from exn
-        if ids.shape != size:
-            raise ShardFormatError(
-                f"{self._where()}: {key!r} is {ids.shape[0]}x{ids.shape[1]}, meta says {size[0]}x{size[1]}",
-                "size_mismatch",
-            )
-        return ids.astype(np.uint16, copy=False)
+        key = ORIGINAL_MASK_KEY.format(t)
+        return decode_mask(self.original_mask_data[t], self.original_size, self._where(), key)
 
     def _where(self) -> str:
         return self.origin or f"sample {self.video_id!r}"

@@ -22,12 +22,10 @@ import webdataset
 from tqdm import tqdm
 from webdataset.handlers import reraise_exception
 
+from lightning_desa2va.data.errors import SKIP_REASONS, SchemaVersionError, ShardFormatError
 from lightning_desa2va.data.schema import (
     EXPRESSION_TYPES,
     SCHEMA_VERSION,
-    SKIP_REASONS,
-    SchemaVersionError,
-    ShardFormatError,
     VideoSample,
     decode_sample,
     encode_sample,

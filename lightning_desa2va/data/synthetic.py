@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lightning_desa2va.data.schema import EXPRESSION_TYPES, MAX_OBJECT_ID, ObjectTrack, VideoSample
+from lightning_desa2va.data.codec import MAX_OBJECT_ID
+from lightning_desa2va.data.schema import EXPRESSION_TYPES, ObjectTrack, VideoSample
 from lightning_desa2va.data.synthetic_words import (
     MOTION_VECTORS,
     NAME_RE,

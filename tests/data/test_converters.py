@@ -28,7 +28,8 @@ from lightning_desa2va.cli import main
 from lightning_desa2va.data.converters import DATASET_TYPES
 from lightning_desa2va.data.converters.build import build_shards
 from lightning_desa2va.data.converters.refcoco import load_refs
-from lightning_desa2va.data.schema import SKIP_REASONS, ShardFormatError, VideoSample
+from lightning_desa2va.data.errors import SKIP_REASONS, ShardFormatError
+from lightning_desa2va.data.schema import VideoSample
 from lightning_desa2va.data.shards import read_manifest, read_split, split_urls
 
 

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from lightning_desa2va.data.callbacks import SkippedDataLogger
-from lightning_desa2va.data.schema import SKIP_REASONS, ShardFormatError
+from lightning_desa2va.data.errors import SKIP_REASONS, ShardFormatError
 from lightning_desa2va.data.shards import write_synthetic_benchmark
 from lightning_desa2va.data.synthetic import SyntheticConfig
 

@@ -22,16 +22,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from lightning_desa2va.data.schema import (
-    SKIP_REASONS,
-    Expression,
-    ObjectTrack,
-    ShardFormatError,
-    VideoSample,
-    encode_jpeg,
-    encode_mask,
-    image_size,
-)
+from lightning_desa2va.data.codec import encode_jpeg, encode_mask, image_size
+from lightning_desa2va.data.errors import SKIP_REASONS, ShardFormatError
+from lightning_desa2va.data.schema import Expression, ObjectTrack, VideoSample
 from lightning_desa2va.data.shards import SplitStats, update_manifest, write_split
 
 log = logging.getLogger(__name__)

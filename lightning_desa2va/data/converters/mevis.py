@@ -36,7 +36,8 @@ from lightning_desa2va.data.converters.common import (
     read_frame,
     skip_of,
 )
-from lightning_desa2va.data.schema import Expression, ObjectTrack, ShardFormatError
+from lightning_desa2va.data.errors import ShardFormatError
+from lightning_desa2va.data.schema import Expression, ObjectTrack
 
 FRAMES_DIR = "JPEGImages"
 FRAME_SUFFIX = ".jpg"

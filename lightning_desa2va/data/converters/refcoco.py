@@ -35,7 +35,8 @@ from lightning_desa2va.data.converters.common import (
     read_frame,
     skip_of,
 )
-from lightning_desa2va.data.schema import Expression, ObjectTrack, ShardFormatError
+from lightning_desa2va.data.errors import ShardFormatError
+from lightning_desa2va.data.schema import Expression, ObjectTrack
 
 SAFE_GLOBALS = frozenset(
     (module, name) for module in ("builtins", "__builtin__") for name in ("set", "frozenset")

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from lightning_desa2va.data.codec import MAX_OBJECT_ID
 from lightning_desa2va.data.converters.common import (
     Skip,
     VideoResult,
@@ -33,7 +34,8 @@ from lightning_desa2va.data.converters.common import (
     read_id_png,
     skip_of,
 )
-from lightning_desa2va.data.schema import MAX_OBJECT_ID, Expression, ObjectTrack, ShardFormatError
+from lightning_desa2va.data.errors import ShardFormatError
+from lightning_desa2va.data.schema import Expression, ObjectTrack
 
 
 @dataclass
