@@ -35,7 +35,7 @@ def moving_clip(num_frames: int = 5) -> torch.Tensor:
     return torch.stack(frames).unsqueeze(0)
 
 
-def normal_flow(stride: int = 2, window: int = 3, high_res: bool = False) -> NormalFlowCue:
+def flow_cue(stride: int = 2, window: int = 3, high_res: bool = False) -> NormalFlowCue:
     return NormalFlowCue(8, HIGH_RES_DIMS, stride=stride, window=window, eps=1e-3, high_res=high_res)
 
 
@@ -56,7 +56,7 @@ def flow_at(flow: torch.Tensor, track: str, frame: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_normal_flow_points_the_way_each_object_moves(stride: int) -> None:
-    flow = normal_flow(stride=stride).flow(moving_clip(), GRID)
+    flow = flow_cue(stride=stride).normal_flow(moving_clip(), GRID)
     assert flow.shape == (5, 2, *GRID)
     for frame in range(5):  # the end frames use one-sided differences, and must still agree
         left, down, still = (flow_at(flow, name, frame) for name in ("left", "down", "still"))
@@ -66,17 +66,17 @@ def test_normal_flow_points_the_way_each_object_moves(stride: int) -> None:
 
 
 def test_background_far_from_objects_has_zero_flow() -> None:
-    flow = normal_flow(window=1).flow(moving_clip(), GRID)
+    flow = flow_cue(window=1).normal_flow(moving_clip(), GRID)
     assert flow[:, :, 7, 0].abs().max() == 0  # bottom-left corner: nothing ever there
 
 
 def test_one_frame_clip_has_no_motion() -> None:
-    flow = normal_flow().flow(moving_clip(num_frames=1), GRID)
+    flow = flow_cue().normal_flow(moving_clip(num_frames=1), GRID)
     assert flow.shape == (1, 2, *GRID) and flow.abs().max() == 0
 
 
 def test_fresh_cue_leaves_the_embedding_unchanged_until_trained() -> None:
-    cue = normal_flow()
+    cue = flow_cue()
     embeddings = torch.randn(5, 8, *GRID)
     assert torch.equal(cue(moving_clip(), features(embeddings)).image_embeddings, embeddings)
     torch.nn.init.normal_(cue.project.weight)
@@ -86,7 +86,7 @@ def test_fresh_cue_leaves_the_embedding_unchanged_until_trained() -> None:
 
 
 def test_the_zero_initialised_projections_still_get_a_gradient() -> None:
-    cue = normal_flow(high_res=True)
+    cue = flow_cue(high_res=True)
     cued = cue(moving_clip(), features(torch.zeros(5, 8, *GRID)))
     (cued.image_embeddings.sum() + sum(level.sum() for level in cued.high_res_features)).backward()
     for project in [cue.project, *cue.project_high_res]:
@@ -95,7 +95,7 @@ def test_the_zero_initialised_projections_still_get_a_gradient() -> None:
 
 @pytest.mark.parametrize("high_res", [False, True])
 def test_the_finer_levels_get_the_cue_only_with_high_res(high_res: bool) -> None:
-    cue = normal_flow(high_res=high_res)
+    cue = flow_cue(high_res=high_res)
     for project in [cue.project, *cue.project_high_res]:
         torch.nn.init.normal_(project.weight)
     before = features(torch.zeros(5, 8, *GRID))
@@ -109,7 +109,7 @@ def test_the_finer_levels_get_the_cue_only_with_high_res(high_res: bool) -> None
 @pytest.mark.parametrize(("stride", "window", "key"), [(2, 0, "window"), (2, 2, "window"), (0, 3, "stride")])
 def test_bad_sizes_fail_naming_the_key(stride: int, window: int, key: str) -> None:
     with pytest.raises(ValueError, match=f"motion_cue.{key}"):
-        normal_flow(stride=stride, window=window)
+        flow_cue(stride=stride, window=window)
 
 
 def test_no_motion_cue_is_the_identity() -> None:

@@ -46,10 +46,6 @@ class NormalFlowCue(nn.Module):
         # The mask decoder's finer levels (stride 4 and 8), where a mask is read out pixel by pixel.
         self.project_high_res = nn.ModuleList(zero_projection(dim) for dim in high_res_dims if high_res)
 
-    def flow(self, clips: Tensor, grid: tuple[int, int]) -> Tensor:
-        """Motion estimate [B·T, 2, *grid] (x, y) of clips [B, T, 3, H, W]; zero for one-frame clips."""
-        return self.normal_flow(clips, grid)
-
     def forward(self, clips: Tensor, features: FrameFeatures) -> FrameFeatures:
         """``clips`` [B, T, 3, H, W]; ``features`` of their B·T frames, clip by clip."""
         terms = self.normal_flow.terms(clips.to(features.image_embeddings.dtype))
