@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from lightning_desa2va.losses import LossTerms, MaskLoss, TripleSupervisionLoss
-from lightning_desa2va.models.decoupler import LinearDecoupler, NoDecoupler, SegEmbeddings
+from lightning_desa2va.models.decoupler import (
+    LinearDecoupler,
+    LinearOrthoDecoupler,
+    NoDecoupler,
+    SegEmbeddings,
+)
 from lightning_desa2va.models.desa2va import DeSa2VAOutput
 
 B, T = 2, 2
@@ -170,15 +175,16 @@ def test_no_decoupler_shares_one_embedding() -> None:
     embeddings = decoupler(torch.randn(4, 16))
     assert embeddings.text is embeddings.visual
     assert embeddings.text.shape == (4, 8)
-    assert decoupler.orthogonality_penalty(embeddings).item() == 0.0
+    assert not decoupler.has_penalty and decoupler.subspace_maps() is None
 
 
 def test_linear_decoupler_splits_into_two_embeddings() -> None:
     torch.manual_seed(0)
-    decoupler = LinearDecoupler(in_dim=16, out_dim=8)
+    decoupler = LinearOrthoDecoupler(in_dim=16, out_dim=8)
     embeddings = decoupler(torch.randn(4, 16))
     assert embeddings.text.shape == embeddings.visual.shape == (4, 8)
     assert not torch.allclose(embeddings.text, embeddings.visual)
+    assert decoupler.has_penalty and not LinearDecoupler.has_penalty
     penalty = decoupler.orthogonality_penalty(embeddings)
     assert penalty.ndim == 0 and 0 < penalty.item() <= 1
     penalty.backward()
@@ -205,7 +211,7 @@ def test_batch_input_norm_takes_a_training_batch_of_one_with_its_running_statist
 
 
 def test_orthogonality_penalty_is_zero_for_orthogonal_and_one_for_parallel_embeddings() -> None:
-    decoupler = LinearDecoupler(in_dim=2, out_dim=2)
+    decoupler = LinearOrthoDecoupler(in_dim=2, out_dim=2)
     text = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     orthogonal = decoupler.orthogonality_penalty(SegEmbeddings(text=text, visual=text.flip(-1)))
     parallel = decoupler.orthogonality_penalty(SegEmbeddings(text=text, visual=-3 * text))
@@ -260,10 +266,18 @@ def test_zero_orth_and_lm_weights_need_neither_input() -> None:
 
 def test_missing_inputs_for_weighted_terms_raise() -> None:
     target = torch.rand(2, 2, 8, 8) > 0.5
-    with pytest.raises(ValueError, match="w_orth"):
-        triple(w_lm=0.0)(fake_output(target), target, None)
     with pytest.raises(ValueError, match="w_lm"):
         triple(w_orth=0.0)(fake_output(target), target, None)
+    undecoded = fake_output(target, lm_loss=torch.tensor(1.0))
+    undecoded.text_logits = None
+    with pytest.raises(ValueError, match="text mask"):
+        triple()(undecoded, target, None)
+
+
+def test_w_orth_weighs_nothing_for_a_decoupler_without_a_penalty() -> None:
+    target = torch.rand(2, 2, 8, 8) > 0.5
+    result = triple(w_lm=0.0)(fake_output(target), target, None)
+    assert set(result.terms) == {"fused", "text", "visual"}
 
 
 def test_all_zero_weights_raise() -> None:

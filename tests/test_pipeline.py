@@ -77,7 +77,7 @@ def test_mlflow_holds_one_finished_run_per_stage_with_params_and_metrics(demo_st
     finetune = runs["decoupled_finetune"]
     assert finetune.info.status == "FINISHED"
     params = finetune.data.params
-    assert params["decoupler/_target_"] == "lightning_desa2va.models.decoupler.LinearDecoupler"
+    assert params["decoupler/_target_"] == "lightning_desa2va.models.decoupler.LinearOrthoDecoupler"
     assert params["fusion/_target_"] == "lightning_desa2va.models.fusion.DynamicFusion"
     assert float(params["loss/w_t"]) == 0.25
     for run in runs.values():
