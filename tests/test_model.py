@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_desa2va.losses import LossTerms, MaskLoss, TripleSupervisionLoss
+from lightning_desa2va.losses import LossTerms, MaskLoss, TripleSupervisionLoss, uncertain_points
 from lightning_desa2va.models.decoupler import (
     LinearDecoupler,
     LinearOrthoDecoupler,
@@ -301,3 +301,33 @@ def test_mask_loss_is_near_zero_for_perfect_logits_and_high_for_inverted() -> No
 def test_mask_loss_rejects_mismatched_shapes() -> None:
     with pytest.raises(ValueError, match="differ"):
         MaskLoss(w_bce=1.0, w_dice=1.0)(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 8, 8))
+
+
+def test_uncertain_points_are_picked_where_the_logits_are_least_certain() -> None:
+    torch.manual_seed(0)
+    logits = torch.full((2, 1, 32, 32), 10.0)
+    logits[..., :16] = 0.0  # the left half is undecided
+    num_points, importance = 100, 0.75
+    points = uncertain_points(logits, num_points, oversample_ratio=3, importance_sample_ratio=importance)
+    assert points.shape == (2, num_points, 2) and ((points >= 0) & (points <= 1)).all()
+    chosen = int(importance * num_points)
+    assert (points[:, :chosen, 0] < 0.5).all()  # x in [0, 1]: every importance point on the undecided half
+    assert 0 < (points[:, chosen:, 0] < 0.5).float().mean() < 1  # the rest spread uniformly
+
+
+def test_uniformly_point_sampled_mask_loss_estimates_the_dense_loss() -> None:
+    torch.manual_seed(0)
+    target = torch.zeros(2, 2, 32, 32, dtype=torch.bool)
+    target[..., 8:20, 4:24] = True
+    logits = torch.nn.functional.interpolate(3 * torch.randn(4, 1, 4, 4), size=(32, 32), mode="bilinear")
+    logits = logits.view(2, 2, 32, 32).requires_grad_()
+    dense = MaskLoss(w_bce=2.0, w_dice=0.5)(logits, target)
+    sampled = MaskLoss(w_bce=2.0, w_dice=0.5, num_points=8192, importance_sample_ratio=0.0)(logits, target)
+    assert sampled.item() == pytest.approx(dense.item(), rel=0.05)
+    sampled.backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_point_sampling_rejects_bad_settings() -> None:
+    with pytest.raises(ValueError, match="importance_sample_ratio"):
+        MaskLoss(w_bce=1.0, w_dice=1.0, num_points=10, importance_sample_ratio=1.5)
