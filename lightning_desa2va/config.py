@@ -23,7 +23,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import get_object
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 CONFIG_MODULE = "lightning_desa2va.configs"
 HYDRA_VERSION_BASE = "1.3"
@@ -31,7 +31,11 @@ EXPERIMENT_GROUP = "experiment"
 DEFAULT_EXPERIMENTS_DIR = Path("experiments")
 _HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 SHIPPED_FOUNDATIONS_DIR = Path(str(files("lightning_desa2va"))) / "weights" / "tiny"
-RECIPES_DIR = Path(str(files("lightning_desa2va"))) / "configs" / "recipes"
+CONFIGS_DIR = Path(str(files("lightning_desa2va"))) / "configs"
+RECIPES_DIR = CONFIGS_DIR / "recipes"
+DEFAULT_EXPERIMENT = "default"
+RUN_KEY = "run"
+HYDRA_KEY = "hydra"
 
 # `${shipped_foundations:}` in a config is the folder of the tiny foundations that ship with the package.
 OmegaConf.register_new_resolver("shipped_foundations", lambda: str(SHIPPED_FOUNDATIONS_DIR), replace=True)
@@ -51,6 +55,14 @@ class PathsConfig:
 
 
 @dataclass
+class PipelineConfig:
+    """The stages a full run (``desa2va demo``, a sweep trial) trains, in order; each later stage starts from
+    the checkpoint of the one before."""
+
+    stages: list[str] = field(default_factory=lambda: ["text_pretrain", "decoupled_finetune"])
+
+
+@dataclass
 class SyntheticShardsConfig:
     """How many synthetic videos the demo writes when ``paths.data_dir`` has no shards yet."""
 
@@ -58,6 +70,16 @@ class SyntheticShardsConfig:
     seed: int = 0
     videos_per_shard: int = 100
     generator: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunInfo:
+    """What a run was composed from, recorded by :func:`compose_config` (not set by hand): the experiment,
+    the variant chosen in every config group and the overrides given, for run folders, names and tags."""
+
+    experiment: str = DEFAULT_EXPERIMENT
+    choices: dict[str, str] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -81,6 +103,8 @@ class RunConfig:
     seed: int = 0
     num_threads: int | None = None
     resume_from: str | None = None
+    pipeline: PipelineConfig = field(default_factory=lambda: PipelineConfig())
+    run: RunInfo = field(default_factory=RunInfo)
 
 
 def register_experiments(experiments_dir: Path) -> list[str]:
@@ -114,10 +138,29 @@ def config_module(module: str, version_base: str) -> Iterator[None]:
 def compose_config(overrides: list[str] | None = None, experiments_dir: Path | None = None) -> DictConfig:
     """Compose the run config from the packaged defaults, an experiment and Hydra-syntax overrides."""
     register_experiments(experiments_dir or DEFAULT_EXPERIMENTS_DIR)
+    overrides = list(overrides or [])
     with config_module(CONFIG_MODULE, HYDRA_VERSION_BASE):
-        cfg = compose(config_name="config", overrides=list(overrides or []))
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    choices = {
+        group: str(choice)
+        for group, choice in cfg.hydra.runtime.choices.items()
+        if choice is not None and not group.startswith(HYDRA_KEY) and group != EXPERIMENT_GROUP
+    }
+    experiment = cfg.hydra.runtime.choices.get(EXPERIMENT_GROUP) or DEFAULT_EXPERIMENT
+    with open_dict(cfg):
+        del cfg[HYDRA_KEY]
+        cfg[RUN_KEY] = {"experiment": experiment, "choices": choices, "overrides": overrides}
     validate_config(cfg)
     return cfg
+
+
+def config_groups() -> dict[str, list[str]]:
+    """Every config group of the packaged tree and its variants (the YAML files in its folder)."""
+    return {
+        folder.name: sorted(path.stem for path in folder.glob("*.yaml"))
+        for folder in sorted(CONFIGS_DIR.iterdir())
+        if folder.is_dir() and folder != RECIPES_DIR and any(folder.glob("*.yaml"))
+    }
 
 
 def validate_config(cfg: DictConfig) -> None:

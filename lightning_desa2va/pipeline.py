@@ -1,52 +1,56 @@
-"""The jobs behind the CLI: train one stage, evaluate a checkpoint, and the demo (stage 1 → stage 2).
+"""The jobs behind the CLI: train one stage, evaluate a checkpoint, and the full pipeline.
 
-Each training job composes its config, builds its parts, trains with a Lightning ``Trainer``, then
-validates the final model on the val split beside the union-of-objects baseline, all logged to the run.
+:func:`train_stage` composes nothing itself: it builds a run config's parts, trains them with a Lightning
+``Trainer`` in the run's own folder (:mod:`lightning_desa2va.runs`), then scores the final model on val (and
+optionally test) beside the union-of-objects baseline, all logged to the run. :func:`run_pipeline` trains the
+stages ``pipeline.stages`` lists, each from the checkpoint of the one before: ``desa2va demo`` runs it, and so
+does every trial of a sweep or ablation (which add callbacks and tags, never their own training loop).
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig, OmegaConf
-from torch import nn
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import Logger, MLFlowLogger
+from omegaconf import DictConfig
 
 from lightning_desa2va.baselines import union_of_objects
-from lightning_desa2va.build import build_components, build_model
-from lightning_desa2va.config import RECIPES_DIR, compose_config, save_config
-from lightning_desa2va.data.datamodule import TRAIN, VAL, RefVOSDataModule
+from lightning_desa2va.build import build_components
+from lightning_desa2va.config import compose_config, save_config
+from lightning_desa2va.data.datamodule import TEST, TRAIN, VAL, RefVOSDataModule
 from lightning_desa2va.data.shards import split_urls, write_synthetic_benchmark
 from lightning_desa2va.data.synthetic import SyntheticConfig
-from lightning_desa2va.foundations import (
-    SAM2_WEIGHTS,
-    VLM_WEIGHTS,
-    Phase,
-    Recipe,
-    export_weights,
-    write_manifest,
-)
 from lightning_desa2va.metrics import JFMetric
-from lightning_desa2va.models.desa2va import DeSa2VA
+from lightning_desa2va.runs import (
+    CHECKPOINTS_DIR,
+    RunRecord,
+    new_run_dir,
+    read_record,
+    run_dir_of_checkpoint,
+    started_now,
+    write_record,
+)
 from lightning_desa2va.stages.base import SegmentationStage
 from lightning_desa2va.stages.checkpoints import load_model_weights
-from lightning_desa2va.tracking import log_run_config
+from lightning_desa2va.tracking import log_run_config, tag_run
 
 log = logging.getLogger(__name__)
 
 UNION_BASELINE = "union_baseline"
+StageCallbacks = Callable[[DictConfig], Sequence[Callback]]
+"""Extra callbacks for each stage a pipeline trains (e.g. a sweep's pruning callback), given its config."""
 
 
 @dataclass
 class StageRun:
-    """What a finished stage leaves behind."""
+    """What a finished stage leaves behind: its val (and test, when scored) metrics beside the baseline's."""
 
     label: str  # e.g. "stage 2 (fused mask)"
     run_id: str | None
@@ -54,6 +58,8 @@ class StageRun:
     checkpoint: Path
     metrics: dict[str, float] = field(default_factory=dict)
     baseline: dict[str, float] = field(default_factory=dict)
+    test_metrics: dict[str, float] = field(default_factory=dict)
+    test_baseline: dict[str, float] = field(default_factory=dict)
 
 
 def ensure_synthetic_shards(cfg: DictConfig) -> Path:
@@ -74,33 +80,108 @@ def ensure_synthetic_shards(cfg: DictConfig) -> Path:
     return data_dir
 
 
-def train_stage(cfg: DictConfig) -> StageRun:
-    """Train the configured stage, then score its final model and the union baseline on val."""
+def build_logger(
+    cfg: DictConfig, run_id: str | None, run_name: str | None, tags: dict[str, str]
+) -> Logger | None:
+    """The configured logger; a resumed run continues its MLflow run (``run_id``)."""
+    if cfg.logger is None:
+        return None
+    extra: dict[str, Any] = {"run_id": run_id} if run_id else {}
+    if run_name is not None:
+        extra["run_name"] = run_name
+    return instantiate(cfg.logger, **extra, tags={**(cfg.logger.get("tags") or {}), **tags})
+
+
+def point_checkpoints_at(trainer: pl.Trainer, folder: Path) -> None:
+    """Checkpoint callbacks without a folder of their own save into the run's folder."""
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+            callback.dirpath = str(folder)
+
+
+def train_stage(
+    cfg: DictConfig,
+    callbacks: Sequence[Callback] = (),
+    score_test: bool = False,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> StageRun:
+    """Train the configured stage, then score its final model and the union baseline on val (and test).
+
+    ``resume_from`` set to a checkpoint of an earlier run continues that run: same folder, same MLflow run.
+    """
     parts = build_components(cfg)
-    parts.datamodule.require_splits(TRAIN, VAL)
-    logger: Logger | bool = instantiate(cfg.logger) if cfg.logger is not None else False
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger)
-    output_dir = run_output_dir(trainer)
-    log_run_config(trainer.logger, cfg, save_config(cfg, output_dir / "config.yaml"))
+    parts.datamodule.require_splits(TRAIN, VAL, *([TEST] if score_test else []))
+    resumed_dir = run_dir_of_checkpoint(Path(cfg.resume_from)) if cfg.resume_from else None
+    resumed = read_record(resumed_dir) if resumed_dir else None
+    logger = build_logger(cfg, resumed.mlflow_run_id if resumed else None, run_name, tags or {})
+    configured_callbacks = instantiate(cfg.trainer.callbacks) or []
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, logger=logger or False, callbacks=[*configured_callbacks, *callbacks]
+    )
+    run_id = logger.run_id if isinstance(logger, MLFlowLogger) else None
+    output_dir = resumed_dir or new_run_dir(cfg, run_id)
+    point_checkpoints_at(trainer, output_dir / CHECKPOINTS_DIR)
+    if resumed is None:
+        tracking_uri = cfg.logger.tracking_uri if cfg.logger is not None else None
+        write_record(
+            output_dir,
+            RunRecord(cfg.run.experiment, cfg.run.choices.stage, run_id, tracking_uri, started_now()),
+        )
+        log_run_config(logger, cfg, save_config(cfg, output_dir / "config.yaml"))
+        tag_run(logger, cfg)
+    log.info("run folder: %s", output_dir)
     trainer.fit(parts.stage, datamodule=parts.datamodule, ckpt_path=cfg.resume_from)
     if parts.stage.last_validated_step != trainer.global_step:
-        trainer.validate(parts.stage, parts.datamodule)
-    metrics = _without_prefix(
-        {name: value for name, value in trainer.callback_metrics.items() if name.startswith(f"{VAL}/")},
-        f"{VAL}/",
+        trainer.validate(parts.stage, parts.datamodule, verbose=False)
+    run = StageRun(
+        label=parts.stage.label,
+        run_id=run_id,
+        output_dir=output_dir,
+        checkpoint=Path(trainer.checkpoint_callback.last_model_path).resolve(),
+        metrics=split_metrics(trainer.callback_metrics, VAL),
     )
     # The union baseline measures referring; stages that output no masks (VLM pre-training) skip it.
     referring = isinstance(parts.stage, SegmentationStage)
-    baseline = score_union_baseline(parts.datamodule, trainer.logger) if referring else {}
-    checkpoint = Path(trainer.checkpoint_callback.last_model_path).resolve()
-    return StageRun(
-        label=parts.stage.label,
-        run_id=getattr(trainer.logger, "run_id", None),
-        output_dir=output_dir,
-        checkpoint=checkpoint,
-        metrics=metrics,
-        baseline=baseline,
-    )
+    if referring:
+        run.baseline = score_union_baseline(parts.datamodule, trainer.logger, VAL)
+    if score_test:
+        run.test_metrics = split_metrics(trainer.test(parts.stage, parts.datamodule, verbose=False)[0], TEST)
+        if referring:
+            run.test_baseline = score_union_baseline(parts.datamodule, trainer.logger, TEST)
+    return run
+
+
+def run_pipeline(
+    overrides: list[str],
+    experiments_dir: Path | None = None,
+    stage_callbacks: StageCallbacks | None = None,
+    score_test: bool = True,
+    run_name: Callable[[DictConfig], str] | None = None,
+    tags: dict[str, str] | None = None,
+) -> list[StageRun]:
+    """Train the stages of ``pipeline.stages`` in order, each later one from the checkpoint of the one before
+    (``stage.init_from``); the last one is also scored on test when ``score_test``. The synthetic shards are
+    written first if missing."""
+    first = compose_config(overrides, experiments_dir)
+    ensure_synthetic_shards(first)
+    stages = list(first.pipeline.stages)
+    if not stages:
+        raise ValueError("pipeline.stages is empty: nothing to train")
+    runs: list[StageRun] = []
+    for index, stage in enumerate(stages):
+        start = [f"stage.init_from={runs[-1].checkpoint}"] if runs else []
+        cfg = compose_config([f"stage={stage}", *start, *overrides], experiments_dir)
+        runs.append(
+            train_stage(
+                cfg,
+                callbacks=stage_callbacks(cfg) if stage_callbacks else (),
+                score_test=score_test and index == len(stages) - 1,
+                run_name=run_name(cfg) if run_name else None,
+                tags=tags,
+            )
+        )
+    return runs
 
 
 def evaluate_checkpoint(
@@ -111,24 +192,17 @@ def evaluate_checkpoint(
     load_model_weights(parts.model, checkpoint)
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=False)
     run = trainer.validate if split == VAL else trainer.test
-    scores = _without_prefix(run(parts.stage, parts.datamodule)[0], f"{split}/")
+    scores = split_metrics(run(parts.stage, parts.datamodule, verbose=False)[0], split)
     loader = parts.datamodule.val_dataloader() if split == VAL else parts.datamodule.test_dataloader()
     return scores, union_baseline_scores(loader)
 
 
-def _without_prefix(metrics: dict[str, float], prefix: str) -> dict[str, float]:
-    return {name.removeprefix(prefix): float(value) for name, value in metrics.items()}
-
-
-def run_output_dir(trainer: pl.Trainer) -> Path:
-    """The run's own folder (``<root>/<experiment>/<run>``), where its checkpoints also go."""
-    logger = trainer.logger
-    if logger is None:
-        return Path(trainer.default_root_dir)
-    root = Path(logger.save_dir or trainer.default_root_dir)
-    path = root / str(logger.name) / str(logger.version)
-    path.mkdir(parents=True, exist_ok=True)
-    return path.resolve()
+def split_metrics(metrics: dict[str, Any], split: str) -> dict[str, float]:
+    """The metrics logged under ``<split>/``, without that prefix."""
+    prefix = f"{split}/"
+    return {
+        name.removeprefix(prefix): float(value) for name, value in metrics.items() if name.startswith(prefix)
+    }
 
 
 def union_baseline_scores(loader: Iterable[dict[str, Any]]) -> dict[str, float]:
@@ -141,71 +215,10 @@ def union_baseline_scores(loader: Iterable[dict[str, Any]]) -> dict[str, float]:
     return metric.compute()
 
 
-def score_union_baseline(datamodule: RefVOSDataModule, logger: Logger | None) -> dict[str, float]:
-    """J&F on val of predicting every object of the clip: what segmenting without referring gets."""
-    scores = union_baseline_scores(datamodule.val_dataloader())
+def score_union_baseline(datamodule: RefVOSDataModule, logger: Logger | None, split: str) -> dict[str, float]:
+    """J&F on ``split`` of predicting every object of the clip: what segmenting without referring gets."""
+    loader = datamodule.val_dataloader() if split == VAL else datamodule.test_dataloader()
+    scores = union_baseline_scores(loader)
     if logger is not None:
-        logger.log_metrics({f"{VAL}/{UNION_BASELINE}/{name}": value for name, value in scores.items()})
+        logger.log_metrics({f"{split}/{UNION_BASELINE}/{name}": value for name, value in scores.items()})
     return scores
-
-
-def run_demo(overrides: list[str], experiments_dir: Path | None = None) -> tuple[StageRun, StageRun]:
-    """The main job: shards if missing, stage 1, stage 2 from stage 1's checkpoint, both scored on val."""
-    text_cfg = compose_config(["stage=text_pretrain", *overrides], experiments_dir)
-    ensure_synthetic_shards(text_cfg)
-    text_run = train_stage(text_cfg)
-    finetune_cfg = compose_config(
-        ["stage=decoupled_finetune", f"stage.init_from={text_run.checkpoint}", *overrides], experiments_dir
-    )
-    return text_run, train_stage(finetune_cfg)
-
-
-FOUNDATION_FILES = {"sam2": SAM2_WEIGHTS, "vlm": VLM_WEIGHTS}
-PRETRAIN_RECIPE = RECIPES_DIR / "pretrain_tiny.yaml"
-
-
-def foundation_of(model: DeSa2VA, name: str) -> nn.Module:
-    """The part of the model a foundation's weights file holds."""
-    return model.sam if name == "sam2" else model.vlm.model
-
-
-def pretrain_foundations(
-    overrides: list[str],
-    out_dir: Path,
-    experiments_dir: Path | None = None,
-    recipe_path: Path = PRETRAIN_RECIPE,
-) -> dict[str, Recipe]:
-    """Train the tiny SAM-2 and VLM from scratch, phase by phase as their recipe says, and export the
-    result with a manifest. Each later phase starts from the weights the phase before it exported."""
-    recipe = OmegaConf.load(recipe_path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    recipes: dict[str, Recipe] = {}
-    weights: dict[str, Path] = {}
-    for name, file_name in FOUNDATION_FILES.items():
-        phases: list[Phase] = []
-        start: list[str] = []
-        for index, phase_overrides in enumerate(recipe[name].phases, start=1):
-            phase_overrides = [*recipe.get("common", []), *phase_overrides, *start, *overrides]
-            cfg = compose_config(phase_overrides, experiments_dir)
-            log.info(
-                "%s phase %d of %d: %s", name, index, len(recipe[name].phases), " ".join(phase_overrides)
-            )
-            ensure_synthetic_shards(cfg)
-            run = train_stage(cfg)
-            model = build_model(cfg, instantiate(cfg.model.tokenizer))
-            load_model_weights(model, run.checkpoint)
-            weights[name] = export_weights(foundation_of(model, name), run.output_dir / file_name)
-            start = [f"{recipe[name].start_key}={weights[name].resolve()}"]
-            phases.append(
-                Phase(
-                    stage=str(cfg.stage._target_),
-                    overrides=phase_overrides,
-                    config=OmegaConf.to_container(cfg, resolve=True),
-                    seed=cfg.seed,
-                    metrics=run.metrics,
-                )
-            )
-        weights[name] = shutil.copyfile(weights[name], out_dir / file_name)
-        recipes[name] = Recipe(phases=phases)
-    write_manifest(out_dir, recipes, weights)
-    return recipes

@@ -1,14 +1,18 @@
-"""The summary people read at the end of a run: J&F overall and per expression type, beside the baseline."""
+"""The summaries people read at the end of a run: J&F overall and per expression type beside the baseline,
+and the foundations' metrics beside the shipped manifest. Printed through :mod:`lightning_desa2va.console`,
+so they come out whole on any terminal and in log files."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.table import Table
-
+from lightning_desa2va.console import TextTable, print_table
 from lightning_desa2va.data.schema import EXPRESSION_TYPES
-from lightning_desa2va.foundations import Recipe
+
+if TYPE_CHECKING:
+    from lightning_desa2va.foundations import Recipe
 
 COLUMNS = {
     "JF": "J&F",
@@ -17,56 +21,48 @@ COLUMNS = {
     "F": "F",
     "mask_share/lookalike": "lookalike",
 }
+MISSING = "-"
 
 
-def summary_table(title: str, rows: dict[str, dict[str, float]]) -> Table:
+def figure(scores: dict[str, float], name: str) -> str:
+    return f"{scores[name]:.3f}" if name in scores else MISSING
+
+
+def summary_table(title: str, rows: dict[str, dict[str, float]]) -> TextTable:
     """One row per model (or baseline), J&F overall / static / motion / mixed, J and F, and the share of the
     predicted masks on objects that look like a target but are not one (motion decides those)."""
-    table = Table(title=title)
-    table.add_column("model", no_wrap=True)
-    for header in COLUMNS.values():
-        table.add_column(header, justify="right")
+    table = TextTable(title, ["model", *COLUMNS.values()])
     for name, scores in rows.items():
-        table.add_row(name, *(f"{scores[c]:.3f}" if c in scores else "-" for c in COLUMNS))
+        table.add_row(name, *(figure(scores, column) for column in COLUMNS))
     return table
 
 
-def print_summary(title: str, rows: dict[str, dict[str, float]], footer: list[str]) -> None:
-    """Render the summary table and the lines after it (where the runs are) on the terminal."""
-    console = Console()
-    console.print(summary_table(title, rows))
-    for line in footer:
-        console.print(line)
+def print_summary(title: str, rows: dict[str, dict[str, float]], footer: Sequence[str] = ()) -> None:
+    """The summary table and the lines after it (where the runs are)."""
+    print_table(summary_table(title, rows), footer)
 
 
 def print_metrics(title: str, rows: dict[str, dict[str, float]]) -> None:
     """Every metric of each run, for stages whose metrics are not J&F per type (foundation pretraining)."""
-    table = Table(title=title)
-    table.add_column("run", no_wrap=True)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
+    table = TextTable(title, ["run", "metric", "value"])
     for name, scores in rows.items():
         for metric, value in sorted(scores.items()):
             table.add_row(name, metric, f"{value:.3f}")
-    Console().print(table)
+    print_table(table)
 
 
 def print_reproduction(recipes: dict[str, Recipe], shipped: dict[str, dict], out_dir: Path) -> None:
     """Each foundation's final metrics beside the shipped manifest's, so a reproduction can be judged."""
-    table = Table(title=f"tiny foundations written to {out_dir}")
-    for header in ("foundation", "metric", "this run", "shipped", "difference"):
-        table.add_column(header, justify="right" if header not in ("foundation", "metric") else "left")
+    table = TextTable(
+        f"tiny foundations written to {out_dir}",
+        ["foundation", "metric", "this run", "shipped", "difference"],
+    )
     for name, recipe in recipes.items():
         reference = shipped.get(name, {}).get("metrics", {})
         for metric, value in sorted(recipe.metrics.items()):
             if metric in reference:
-                table.add_row(
-                    name,
-                    metric,
-                    f"{value:.3f}",
-                    f"{reference[metric]:.3f}",
-                    f"{value - reference[metric]:+.3f}",
-                )
+                difference = f"{value - reference[metric]:+.3f}"
+                table.add_row(name, metric, f"{value:.3f}", f"{reference[metric]:.3f}", difference)
             else:
-                table.add_row(name, metric, f"{value:.3f}", "-", "-")
-    Console().print(table)
+                table.add_row(name, metric, f"{value:.3f}", MISSING, MISSING)
+    print_table(table)

@@ -13,6 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 RESOLVED_CONFIG_ARTIFACT = "config"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+"""What MLflow's UI reads to open an experiment as model training (runs, charts), not GenAI traces."""
 
 
 def log_run_config(logger: Logger | None, cfg: DictConfig, resolved_path: Path) -> None:
@@ -39,3 +42,14 @@ def log_artifacts(
     for path in paths:
         shutil.copy2(path, target / path.name)
     log.info("no MLflow logger: kept %d artifacts in %s", len(paths), target)
+
+
+def tag_run(logger: Logger | None, cfg: DictConfig) -> None:
+    """Tag the run with its experiment and the variant of every config group (filterable columns in the
+    MLflow UI), and mark its MLflow experiment as model training."""
+    if not isinstance(logger, MLFlowLogger):
+        return
+    client = logger.experiment
+    client.set_experiment_tag(logger.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    for key, value in {"experiment": cfg.run.experiment, **cfg.run.choices}.items():
+        client.set_tag(logger.run_id, key, str(value))

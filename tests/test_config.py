@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from hydra.errors import HydraException
@@ -50,18 +51,43 @@ def test_stage_override_switches_the_lightning_module(compose) -> None:
     assert "lora" in cfg.stage
 
 
+def flat_values(cfg) -> dict[str, object]:
+    """Every leaf of a resolved config by its dotted key, the composition record (``run``) left out."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("run")
+    return {key: value for key, value in pd.json_normalize(container, sep=".").iloc[0].to_dict().items()}
+
+
 def test_desa2va_tiny_experiment_is_the_embedded_default(compose) -> None:
-    default = OmegaConf.to_container(compose(), resolve=True)
-    assert OmegaConf.to_container(compose("experiment=desa2va_tiny"), resolve=True) == default
+    assert flat_values(compose("experiment=desa2va_tiny")) == flat_values(compose())
+    assert compose("experiment=desa2va_tiny").run.experiment == "desa2va_tiny"
 
 
-def test_sa2va_baseline_experiment_applies_its_components_and_loss(compose) -> None:
-    cfg = compose("experiment=sa2va_baseline")
-    assert cfg.decoupler._target_.endswith("NoDecoupler")
-    assert cfg.fusion._target_.endswith("VisualFusion")
-    assert (cfg.loss.w_t, cfg.loss.w_v, cfg.loss.w_orth, cfg.loss.w_stated_motion) == (0.0, 0.0, 0.0, 0.0)
+@pytest.mark.parametrize("stage", ["text_pretrain", "decoupled_finetune"])
+def test_sa2va_baseline_differs_from_the_default_only_in_desa2va_s_components_and_budget(
+    compose, stage
+) -> None:
+    default = flat_values(compose("experiment=desa2va_tiny", f"stage={stage}"))
+    baseline = flat_values(compose("experiment=sa2va_baseline", f"stage={stage}"))
+    differing = {key for key in default.keys() | baseline.keys() if default.get(key) != baseline.get(key)}
+    groups = {key.split(".")[0] for key in differing if key.split(".")[0] in ("decoupler", "fusion")}
+    others = {key for key in differing if key.split(".")[0] not in groups}
+    assert groups == {"decoupler", "fusion"}
+    # no text pre-training stage, no text / visual / orthogonality supervision, and stage 2 gets both
+    # stages' steps; everything else (the motion prompt included) is the same
+    assert others == {"pipeline.stages", "loss.w_t", "loss.w_v", "loss.w_orth", "trainer.max_steps"}
+    assert baseline["pipeline.stages"] == ["decoupled_finetune"]
+    text_steps = compose("stage=text_pretrain").trainer.max_steps
+    finetune_steps = compose("stage=decoupled_finetune").trainer.max_steps
+    assert baseline["trainer.max_steps"] == text_steps + finetune_steps
+    assert baseline["motion_prompt._target_"].endswith("FlowMatchPrompt")
+    assert baseline["loss.w_stated_motion"] == default["loss.w_stated_motion"] == 1.0
+
+
+def test_motion_prompt_none_also_switches_off_its_stated_motion_term(compose) -> None:
+    cfg = compose("motion_prompt=none")
     assert cfg.motion_prompt._target_.endswith("NoMotionPrompt")
-    assert cfg.loss.w_f == 1.0  # untouched keys keep the group's defaults
+    assert cfg.loss.w_stated_motion == 0.0
 
 
 def test_command_line_override_beats_the_experiment(compose) -> None:

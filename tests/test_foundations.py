@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from safetensors.torch import load_file
 
 from lightning_desa2va.foundations import SAM2_WEIGHTS, SHIPPED_DIR, VLM_WEIGHTS, verify_foundations
-from lightning_desa2va.pipeline import pretrain_foundations
+from lightning_desa2va.pretrain import pretrain_foundations
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
 TINY_RECIPES = [

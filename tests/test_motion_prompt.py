@@ -100,7 +100,7 @@ def test_the_model_decodes_the_same_until_the_prompt_trains(make_model, make_bat
 
 
 def test_w_stated_motion_without_a_motion_prompt_fails_naming_both(make_model, make_batch, build_stage):
-    cfg, model = make_model("stage=decoupled_finetune", "motion_prompt=none")
+    cfg, model = make_model("stage=decoupled_finetune", "motion_prompt=none", "loss.w_stated_motion=1")
     stage = build_stage(cfg, model)
     with pytest.raises(ValueError, match="w_stated_motion.*motion_prompt=flow_match"):
         stage.training_step(make_batch(model, [EXPRESSION]), 0)

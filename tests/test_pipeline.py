@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from lightning_desa2va.config import compose_config
-from lightning_desa2va.pipeline import evaluate_checkpoint, run_demo
+from lightning_desa2va.pipeline import evaluate_checkpoint, run_pipeline
+from lightning_desa2va.runs import read_record
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
 TINY_RUN = [
@@ -35,7 +36,7 @@ def demo_store(tmp_path_factory: pytest.TempPathFactory, in_scratch_folder) -> t
     """Run the demo once in a scratch folder."""
     root = tmp_path_factory.mktemp("demo")
     with in_scratch_folder(root) as store:
-        runs = run_demo([*TINY_RUN, store], EXPERIMENTS_DIR)
+        runs = run_pipeline([*TINY_RUN, store], EXPERIMENTS_DIR)
     return root, runs
 
 
@@ -68,6 +69,22 @@ def test_demo_writes_shards_and_returns_both_stages_with_baseline(demo_store):
         assert 0.0 <= run.metrics["JF"] <= 1.0
         assert run.checkpoint.is_file()
     assert 0.0 < finetune_run.baseline["JF"] <= 1.0
+    # the last stage is also scored on the test split, beside the baseline there
+    assert not text_run.test_metrics
+    assert 0.0 <= finetune_run.test_metrics["JF"] <= 1.0
+    assert 0.0 < finetune_run.test_baseline["JF"] <= 1.0
+
+
+def test_run_folders_are_named_by_experiment_stage_time_and_run_id(demo_store):
+    root, runs = demo_store
+    for run, stage in zip(runs, ("text_pretrain", "decoupled_finetune"), strict=True):
+        relative = run.output_dir.relative_to(root / "outputs")
+        assert relative.parts[:2] == ("desa2va_tiny", stage)
+        stamp, short_id = relative.parts[2].split("_")
+        assert len(stamp) == len("20261202-063012") and short_id == run.run_id[:8]
+        assert run.checkpoint.parent == run.output_dir / "checkpoints"
+        record = read_record(run.output_dir)
+        assert (record.mlflow_run_id, record.stage, record.experiment) == (run.run_id, stage, "desa2va_tiny")
 
 
 def test_mlflow_holds_one_finished_run_per_stage_with_params_and_metrics(demo_store):
@@ -84,6 +101,12 @@ def test_mlflow_holds_one_finished_run_per_stage_with_params_and_metrics(demo_st
         for name in ("train/loss", "val/JF", "val/J", "val/F", "val/union_baseline/JF"):
             assert name in run.data.metrics, f"{run.info.run_name} lacks {name}"
         assert len(_client(root).get_metric_history(run.info.run_id, "train/loss")) >= 1
+        assert run.data.tags["experiment"] == "desa2va_tiny"
+        assert run.data.tags["decoupler"] == "linear"
+    for name in ("test/JF", "test/union_baseline/JF"):
+        assert name in finetune.data.metrics
+    experiment = _client(root).get_experiment_by_name("desa2va")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_mlflow_artifacts_hold_config_checkpoint_and_overlays(demo_store, tmp_path):

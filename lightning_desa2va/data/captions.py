@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lightning_desa2va.data.schema import ObjectTrack
-from lightning_desa2va.data.synthetic import MOTION_WORDS, STILL
+from lightning_desa2va.data.synthetic_words import MOTION_WORDS, STILL
 
 
 @dataclass

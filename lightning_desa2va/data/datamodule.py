@@ -28,7 +28,7 @@ from lightning_desa2va.data.captions import clip_caption
 from lightning_desa2va.data.chat import IGNORE_INDEX, ChatEncoder, ChatTemplates
 from lightning_desa2va.data.schema import Expression, VideoSample, decode_sample
 from lightning_desa2va.data.shards import SkipCounter, error_handler, split_urls
-from lightning_desa2va.data.synthetic import MOTION, MOTION_VECTORS
+from lightning_desa2va.data.synthetic_words import MOTION, MOTION_VECTORS
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ from string import Formatter
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from lightning_desa2va.data.synthetic import SyntheticConfig, vocabulary
+from lightning_desa2va.data.synthetic import SyntheticConfig
+from lightning_desa2va.data.synthetic_words import vocabulary
 
 SEG_TOKEN = "[SEG]"
 IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"

@@ -11,8 +11,6 @@ import pytest
 
 from lightning_desa2va.data.schema import EXPRESSION_TYPES, ObjectTrack, VideoSample
 from lightning_desa2va.data.synthetic import (
-    MOTION_WORDS,
-    NUMBER_WORDS,
     ObjectLayout,
     SyntheticConfig,
     expression_type_counts,
@@ -20,10 +18,9 @@ from lightning_desa2va.data.synthetic import (
     generate_video,
     generate_video_with_layout,
     rasterise,
-    split_words,
     video_seed,
-    vocabulary,
 )
+from lightning_desa2va.data.synthetic_words import MOTION_WORDS, NUMBER_WORDS, split_words, vocabulary
 
 CFG = SyntheticConfig()
 NUM_CHECKED = 200

@@ -1,0 +1,54 @@
+"""``desa2va``: the console entry point. Each subcommand lives in its own module of this package and
+registers itself with :func:`build_parser`; the training subcommands take Hydra overrides
+(``decoupler=orthogonal fusion=dynamic loss.w_orth=0.1``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from hydra.errors import HydraException, InstantiationException
+
+from lightning_desa2va.cli import pretrain, runs, shards
+from lightning_desa2va.cli.help import EXAMPLES, HelpFormatter
+from lightning_desa2va.config import ConfigError
+from lightning_desa2va.console import quiet_third_party_output
+from lightning_desa2va.data.schema import ShardFormatError
+
+LIGHTNING_LOGGER = "lightning"
+COMMAND_MODULES = (runs, pretrain, shards)
+"""Modules with a ``register(commands)`` function, in the order ``--help`` lists their subcommands."""
+
+USER_ERRORS = (HydraException, ConfigError, ShardFormatError, FileNotFoundError)
+"""Errors that are the input's fault: printed as one line naming it, without a traceback."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the subcommand and run it; bad input ends with its message alone, not a traceback."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Lightning prints its own messages through its own handler; propagating them too would print twice.
+    logging.getLogger(LIGHTNING_LOGGER).propagate = False
+    quiet_third_party_output()
+    try:
+        args.run(args)
+    except USER_ERRORS as error:
+        # Hydra wraps what a component raised while being built; its cause names the bad input.
+        cause = error.__cause__ if isinstance(error, InstantiationException) and error.__cause__ else error
+        parser.exit(2, f"desa2va: error: {cause}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="desa2va",
+        description="DeSa2VA-style referring video segmentation with swappable components (Lightning).",
+        epilog=EXAMPLES,
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--experiments-dir", type=Path, default=None, help="folder of experiment YAMLs")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND", title="commands")
+    for module in COMMAND_MODULES:
+        module.register(commands)
+    return parser

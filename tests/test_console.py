@@ -1,0 +1,117 @@
+"""What the command line prints: whole tables anywhere, help that lists commands and variants, a step-counted
+progress bar, and no third-party adverts."""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+
+import pytest
+import torch
+
+from lightning_desa2va.cli import build_parser
+from lightning_desa2va.config import config_groups
+from lightning_desa2va.console import TextTable, print_table, quiet_third_party_output
+from lightning_desa2va.report import COLUMNS, summary_table
+
+ROWS = {
+    "stage 2 (fused mask) with a long name": {"JF": 0.72, "JF/static": 0.832, "JF/motion": 0.699},
+    "union of objects": {"JF": 0.494},
+}
+
+
+def test_summary_table_piped_to_a_file_keeps_every_header_and_figure_whole() -> None:
+    stream = io.StringIO()  # not a terminal, as `make demo > demo.log` is
+    print_table(
+        summary_table("J&F on val", ROWS), ["outputs in /a/very/long/" + "folder/" * 20], stream=stream
+    )
+    text = stream.getvalue()
+    for header in COLUMNS.values():
+        assert f" {header} " in text, header
+    for figure in ("0.720", "0.832", "0.699", "0.494"):
+        assert figure in text
+    assert "…" not in text
+    assert "folder/" * 20 in text
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    assert len(lines) == 2 + len(ROWS) and len({len(line) for line in lines}) == 1  # aligned columns
+
+
+def test_a_table_too_wide_for_the_terminal_prints_as_markdown(monkeypatch: pytest.MonkeyPatch) -> None:
+    class NarrowTerminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setenv("COLUMNS", "40")
+    stream = NarrowTerminal()
+    print_table(summary_table("J&F", ROWS), stream=stream)
+    assert "| stage 2 (fused mask) with a long name |" in stream.getvalue()
+
+
+def test_a_row_with_the_wrong_number_of_cells_is_refused() -> None:
+    table = TextTable("t", ["a", "b"])
+    with pytest.raises(ValueError, match="2 columns"):
+        table.add_row("only one")
+
+
+def test_help_lists_every_subcommand_with_an_example() -> None:
+    text = build_parser().format_help()
+    for command in ("train", "eval", "demo", "pretrain-tiny", "shards"):
+        assert f"    {command} " in text, command
+        assert f"desa2va {command}" in text, command
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "demo"])
+def test_a_subcommand_help_lists_config_groups_with_their_variants(command: str) -> None:
+    parser = build_parser()
+    subparsers = next(action for action in parser._actions if action.dest == "==SUPPRESS==" or action.choices)
+    text = subparsers.choices[command].format_help()
+    for group, variants in config_groups().items():
+        assert group in text and " | ".join(variants) in text, group
+
+
+def test_lightning_adverts_are_dropped_and_other_messages_kept(caplog: pytest.LogCaptureFixture) -> None:
+    quiet_third_party_output()
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        logger.info("💡 Tip: For seamless cloud logging, try installing litlogger")
+        logger.info("GPU available: False")
+    assert [record.msg for record in caplog.records] == ["GPU available: False"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        quiet_third_party_output()
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=1)
+        warnings.warn("something the user can act on", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["something the user can act on"]
+
+
+def test_progress_bar_counts_steps_of_max_steps_across_epochs(
+    make_model, make_batch, build_stage, fit_on_batch, tmp_path
+) -> None:
+    from lightning_desa2va.callbacks import StepProgressBar
+
+    cfg, model = make_model("stage=text_pretrain")
+    stage = build_stage(cfg, model)
+    bar = StepProgressBar(leave=True)
+    batch = make_batch(model, ["red square"])
+    # one batch per epoch: Lightning's own bar would restart at every epoch
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[bar],
+        default_root_dir=tmp_path,
+    )
+    torch.manual_seed(0)
+    trainer.fit(stage, DataLoader([batch], batch_size=None))
+    task = bar.progress.tasks[bar.train_progress_bar_id]
+    assert (task.completed, task.total) == (3, 3)
+    assert task.description.strip().endswith("train steps")
+    assert trainer.current_epoch >= 2
