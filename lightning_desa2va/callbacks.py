@@ -7,17 +7,28 @@ callback with ``every_n_train_steps`` skips the final step unless it falls on th
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+
+log = logging.getLogger(__name__)
 
 TRAIN_DESCRIPTION = "train steps"
 LOGGER_VERSION_KEY = "v_num"
 
 
 class StepProgressBar(RichProgressBar):
-    """Steps done of ``max_steps`` (one bar for the whole run, across epochs) and the logged losses."""
+    """Steps done of ``max_steps`` (one bar for the whole run, across epochs) and the logged losses.
+
+    Where output is not a terminal (a log file, CI) a live bar cannot be drawn, so the same figures are
+    logged as ``lines_when_piped`` evenly spaced lines instead.
+    """
+
+    def __init__(self, lines_when_piped: int = 10, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.lines_when_piped = lines_when_piped
 
     @property
     def total_train_batches(self) -> int | float:
@@ -36,6 +47,16 @@ class StepProgressBar(RichProgressBar):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, trainer.global_step - 1)
+        if self._console is not None and not self._console.is_terminal and self._due(trainer):
+            metrics = ", ".join(
+                f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}"
+                for name, value in self.get_metrics(trainer, pl_module).items()
+            )
+            log.info("%s %d/%d: %s", TRAIN_DESCRIPTION, trainer.global_step, trainer.max_steps, metrics)
+
+    def _due(self, trainer: pl.Trainer) -> bool:
+        every = max(1, trainer.max_steps // max(1, self.lines_when_piped)) if trainer.max_steps > 0 else 1
+        return trainer.global_step % every == 0 or trainer.global_step == trainer.max_steps
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         """The logged progress-bar metrics, without the logger's version (an MLflow run id, noise here)."""

@@ -85,14 +85,14 @@ def test_lightning_adverts_are_dropped_and_other_messages_kept(caplog: pytest.Lo
     assert [str(w.message) for w in caught] == ["something the user can act on"]
 
 
-def test_progress_bar_counts_steps_of_max_steps_across_epochs(
-    make_model, make_batch, build_stage, fit_on_batch, tmp_path
+def test_progress_bar_counts_steps_of_max_steps_across_epochs_and_logs_them_when_piped(
+    make_model, make_batch, build_stage, tmp_path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from lightning_desa2va.callbacks import StepProgressBar
 
     cfg, model = make_model("stage=text_pretrain")
     stage = build_stage(cfg, model)
-    bar = StepProgressBar(leave=True)
+    bar = StepProgressBar(lines_when_piped=3, leave=True)
     batch = make_batch(model, ["red square"])
     # one batch per epoch: Lightning's own bar would restart at every epoch
     import lightning.pytorch as pl
@@ -110,8 +110,13 @@ def test_progress_bar_counts_steps_of_max_steps_across_epochs(
         default_root_dir=tmp_path,
     )
     torch.manual_seed(0)
-    trainer.fit(stage, DataLoader([batch], batch_size=None))
+    with caplog.at_level(logging.INFO, logger="lightning_desa2va.callbacks"):
+        trainer.fit(stage, DataLoader([batch], batch_size=None))
     task = bar.progress.tasks[bar.train_progress_bar_id]
     assert (task.completed, task.total) == (3, 3)
     assert task.description.strip().endswith("train steps")
     assert trainer.current_epoch >= 2
+    # output captured by pytest is no terminal: the bar's figures come as log lines instead
+    lines = [record.getMessage() for record in caplog.records]
+    assert [line.split(":")[0] for line in lines] == ["train steps 1/3", "train steps 2/3", "train steps 3/3"]
+    assert all("train/loss" in line for line in lines)

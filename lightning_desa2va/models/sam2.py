@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra import compose
@@ -179,60 +180,18 @@ class LanguagePromptedSAM2(SAM2Base):
         _, vision_feats, vision_pos_embeds, feat_sizes = self._prepare_backbone_features(backbone_out)
         return ClipFeatures(vision_feats, vision_pos_embeds, feat_sizes, num_clips, num_frames)
 
-    def track_step(
-        self,
-        frame_idx: int,
-        is_init_cond_frame: bool,
-        current_vision_feats: list[Tensor],
-        current_vision_pos_embeds: list[Tensor],
-        feat_sizes: list[tuple[int, int]],
-        point_inputs: dict[str, Tensor] | None,
-        mask_inputs: Tensor | None,
-        output_dict: dict[str, dict[int, dict]],
-        num_frames: int,
-        track_in_reverse: bool = False,
-        run_mem_encoder: bool = True,
-        prev_sam_mask_logits: Tensor | None = None,
-    ) -> dict:
-        """SAM-2's track step, also keeping every candidate mask, its IoU estimate and the object score.
-
-        The base method drops those in training mode, but promptable training supervises them (as the
-        ``sam2`` repository's own ``SAM2Train.track_step`` does, which extends SAM2Base the same way):
-        the base ``_track_step`` runs memory attention and the SAM heads, ``_encode_memory_in_output``
-        writes the chosen mask into memory.
-        """
-        current_out, sam_outputs, _, _ = self._track_step(
-            frame_idx,
-            is_init_cond_frame,
-            current_vision_feats,
-            current_vision_pos_embeds,
-            feat_sizes,
-            point_inputs,
-            mask_inputs,
-            output_dict,
-            num_frames,
-            track_in_reverse,
-            prev_sam_mask_logits,
-        )
-        _, candidates, ious, low_res_masks, high_res_masks, obj_ptr, object_score_logits = sam_outputs
+    def _track_step(self, *args: Any, **kwargs: Any) -> tuple[dict, tuple, Any, Any]:
+        """SAM-2's per-frame step, also keeping every candidate mask, its IoU estimate and the object score
+        in the frame's output: ``track_step`` drops them in training mode, but promptable training
+        supervises them (as the ``sam2`` repository's own ``SAM2Train`` does)."""
+        current_out, sam_outputs, high_res_features, pix_feat = super()._track_step(*args, **kwargs)
+        _, candidates, ious, _, _, _, object_score_logits = sam_outputs
         current_out.update(
-            pred_masks=low_res_masks,
-            pred_masks_high_res=high_res_masks,
-            obj_ptr=obj_ptr,
-            object_score_logits=object_score_logits,
             candidate_masks_high_res=candidates,
             candidate_ious=ious,
+            object_score_logits=object_score_logits,
         )
-        self._encode_memory_in_output(
-            current_vision_feats,
-            feat_sizes,
-            point_inputs,
-            run_mem_encoder,
-            high_res_masks,
-            object_score_logits,
-            current_out,
-        )
-        return current_out
+        return current_out, sam_outputs, high_res_features, pix_feat
 
     def track(
         self,
