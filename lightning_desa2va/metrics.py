@@ -1,11 +1,11 @@
-"""Referring video segmentation metrics: J (region similarity) and F (boundary F-measure).
+"""Referring segmentation metrics: J (region similarity) and F (boundary F-measure), cIoU and gIoU.
 
-The definitions follow the DAVIS benchmark as implemented by davis2017-evaluation
-(``db_eval_iou``, ``db_eval_boundary``), which MeViS, Ref-YouTube-VOS and Ref-DAVIS17 all use, so
-numbers computed here are comparable with published ones. They are written with batched torch ops
-(boundary maps by neighbour comparison, disk dilation by a convolution on a crop around the
-boundaries) so that evaluating every
-frame of every clip stays cheap on a CPU.
+J and F follow the DAVIS benchmark as implemented by davis2017-evaluation (``db_eval_iou``,
+``db_eval_boundary``), which MeViS, Ref-YouTube-VOS and Ref-DAVIS17 all use, so numbers computed here are
+comparable with published ones. They are written with batched torch ops (boundary maps by neighbour
+comparison, disk dilation by a convolution on a crop around the boundaries) so that evaluating every
+frame of every clip stays cheap on a CPU. cIoU and gIoU follow the RefCOCO family (image datasets), and
+:class:`PerTypeMean` averages any per-sample score (e.g. QA exact match) per expression type.
 """
 
 from __future__ import annotations
@@ -149,6 +149,14 @@ def boundary_f_measure(pred: Tensor, gt: Tensor, bound_th: float = DEFAULT_BOUND
     return torch.where(denom > 0, f_measure, torch.zeros_like(f_measure))
 
 
+def type_index(expression_types: Sequence[str], device: torch.device) -> Tensor:
+    """Index into ``EXPRESSION_TYPES`` of each expression type, refusing unknown ones."""
+    unknown = sorted({t for t in expression_types if t not in EXPRESSION_TYPES})
+    if unknown:
+        raise ValueError(f"unknown expression type(s) {unknown}; expected one of {EXPRESSION_TYPES}")
+    return torch.tensor([EXPRESSION_TYPES.index(t) for t in expression_types], device=device)
+
+
 class JFMetric(torchmetrics.Metric):
     """J, F and J&F per referring expression, averaged overall and per expression type.
 
@@ -177,14 +185,9 @@ class JFMetric(torchmetrics.Metric):
             raise ValueError(
                 f"{len(expression_types)} expression types for a batch of {pred_masks.shape[0]} clips"
             )
-        unknown = sorted({t for t in expression_types if t not in EXPRESSION_TYPES})
-        if unknown:
-            raise ValueError(f"unknown expression type(s) {unknown}; expected one of {EXPRESSION_TYPES}")
+        type_ids = type_index(expression_types, self.device)
         j_per_frame = region_similarity(pred_masks, gt_masks)
         f_per_frame = boundary_f_measure(pred_masks, gt_masks, self.bound_th)
-        type_ids = torch.tensor(
-            [EXPRESSION_TYPES.index(t) for t in expression_types], dtype=torch.long, device=self.device
-        )
         self.j_values.append(j_per_frame.mean(dim=1))
         self.f_values.append(f_per_frame.mean(dim=1))
         self.type_ids.append(type_ids)
@@ -278,3 +281,87 @@ def lookalike_ids(instance_ids: Tensor, target: Tensor, object_look_ids: Tensor)
     same = (object_look_ids[:, None, :] == target_looks[None]).all(dim=-1).any(dim=1) & valid
     same[target_ids] = False
     return same.nonzero().flatten()
+
+
+class ReferringIoUMetric(torchmetrics.Metric):
+    """cIoU and gIoU with the RefCOCO definitions, overall and per expression type.
+
+    A *sample* is one expression with its masks (one frame for an image dataset, the clip's frames for a
+    video: its intersection and union are summed over them). cIoU = Σ intersection / Σ union over every
+    sample (large objects weigh more); gIoU = mean over samples of intersection / union. A sample whose
+    ground truth and prediction are both empty is a perfect answer: it scores IoU 1 in gIoU and adds 0/0
+    (nothing) to cIoU, as generalised referring (gRefCOCO) counts it; an empty ground truth with a
+    non-empty prediction scores 0 and adds the predicted area to cIoU's union. A type whose samples have
+    no union at all has no cIoU and is left out (gIoU is then 1).
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        for name in ("intersection", "union", "iou_sum", "samples"):
+            self.add_state(
+                name, default=torch.zeros(len(EXPRESSION_TYPES), dtype=torch.float64), dist_reduce_fx="sum"
+            )
+
+    def update(self, pred_masks: Tensor, gt_masks: Tensor, expression_types: Sequence[str]) -> None:
+        """Bool masks [B, (T,) H, W], one expression (and type) per sample."""
+        _check_masks(pred_masks, gt_masks)
+        if len(expression_types) != pred_masks.shape[0]:
+            raise ValueError(f"{len(expression_types)} expression types for {pred_masks.shape[0]} samples")
+        types = type_index(expression_types, self.intersection.device)
+        intersection = (pred_masks & gt_masks).flatten(1).sum(1).to(self.intersection.dtype)
+        union = (pred_masks | gt_masks).flatten(1).sum(1).to(self.union.dtype)
+        iou = torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
+        self.intersection.index_add_(0, types, intersection)
+        self.union.index_add_(0, types, union)
+        self.iou_sum.index_add_(0, types, iou)
+        self.samples.index_add_(0, types, torch.ones_like(iou))
+
+    def compute(self) -> dict[str, float]:
+        """``cIoU``, ``gIoU`` and ``cIoU/<type>``, ``gIoU/<type>`` for every type with samples."""
+        results: dict[str, float] = {}
+        per_type = [(f"/{kind}", index) for index, kind in enumerate(EXPRESSION_TYPES)]
+        for suffix, index in [("", slice(None)), *per_type]:
+            samples = self.samples[index].sum()
+            if samples == 0:
+                continue
+            union = self.union[index].sum()
+            if union > 0:
+                results[f"cIoU{suffix}"] = (self.intersection[index].sum() / union).item()
+            results[f"gIoU{suffix}"] = (self.iou_sum[index].sum() / samples).item()
+        return results
+
+
+class PerTypeMean(torchmetrics.Metric):
+    """Mean of per-sample values (e.g. QA exact-match hits) overall and per expression type, as sums that
+    sync across processes. Logged as ``<name>`` and ``<name>/<type>``; types without samples are left out."""
+
+    full_state_update = False
+
+    def __init__(self, name: str, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.name = name
+        for state in ("total", "count"):
+            self.add_state(
+                state, default=torch.zeros(len(EXPRESSION_TYPES), dtype=torch.float64), dist_reduce_fx="sum"
+            )
+
+    def update(self, values: Tensor, expression_types: Sequence[str]) -> None:
+        """One value per sample [N] and the sample's expression type."""
+        if values.shape != (len(expression_types),):
+            raise ValueError(f"{tuple(values.shape)} values for {len(expression_types)} expression types")
+        types = type_index(expression_types, self.total.device)
+        self.total.index_add_(0, types, values.detach().to(self.total.dtype))
+        self.count.index_add_(0, types, torch.ones_like(self.count[types]))
+
+    def compute(self) -> dict[str, float]:
+        results = {}
+        if self.count.sum() > 0:
+            results[self.name] = (self.total.sum() / self.count.sum()).item()
+        for index, kind in enumerate(EXPRESSION_TYPES):
+            if self.count[index] > 0:
+                results[f"{self.name}/{kind}"] = (self.total[index] / self.count[index]).item()
+        return results

@@ -6,7 +6,7 @@ test modules that need none of them (``tests/data``, metrics) do not pay for the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,8 @@ def make_model(compose: Callable[..., Any], tokenizer: Any) -> Callable[..., tup
 
 @pytest.fixture(scope="session")
 def make_batch(tokenizer: Any) -> Callable[..., dict[str, Any]]:
-    """``make_batch(model, expressions, num_frames=2, seed=0)``: a collated batch, one clip per expression.
+    """``make_batch(model, expressions, num_frames=2, seed=0, qa=())``: a collated batch, one clip per
+    expression, each conversation followed by the QA turns ``qa`` (``(question, answer)`` pairs).
 
     Each clip has a bright rectangle (the target, at a different place per clip) on a dim noisy
     background; tokens come from the real chat encoder and collation, sized to the model's foundations.
@@ -67,8 +68,11 @@ def make_batch(tokenizer: Any) -> Callable[..., dict[str, Any]]:
 
     from lightning_desa2va.data.chat import IGNORE_INDEX, ChatEncoder, ChatTemplates
     from lightning_desa2va.data.clips import collate_clips
+    from lightning_desa2va.data.schema import QAPair
 
-    def _make(model: Any, expressions: list[str], num_frames: int = 2, seed: int = 0) -> dict[str, Any]:
+    def _make(
+        model: Any, expressions: list[str], num_frames: int = 2, seed: int = 0, qa: Sequence = ()
+    ) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(seed)
         encoder = ChatEncoder(tokenizer, ChatTemplates(), model.vlm.image_tokens)
         size, vlm_size = model.sam.image_size, model.vlm.image_size
@@ -86,7 +90,7 @@ def make_batch(tokenizer: Any) -> Callable[..., dict[str, Any]]:
             noise = 0.2 * torch.randn(num_frames, 3, size, size, generator=generator)
             frames = noise + 1.5 * target[:, None].float() - 0.5
             vlm_pixels = F.interpolate(frames, size=(vlm_size, vlm_size), mode="bilinear")
-            chat = encoder.segmentation(expression, num_frames, [])
+            chat = encoder.segmentation(expression, num_frames, [QAPair(*pair) for pair in qa])
             label = encoder.label_prompt(expression)
             caption = encoder.caption_qa(f"the {expression}", num_frames, [])
             samples.append(

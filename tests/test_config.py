@@ -9,11 +9,26 @@ import pandas as pd
 import pytest
 import torch
 from hydra.errors import HydraException
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lightning_desa2va.config import ConfigError, compose_config, save_config
-from lightning_desa2va.models.decoupler import LinearDecoupler, NoDecoupler
-from lightning_desa2va.models.fusion import DynamicFusion, VisualFusion
+from lightning_desa2va.models.decoupler import (
+    LinearDecoupler,
+    LinearOrthoDecoupler,
+    MLPDecoupler,
+    NoDecoupler,
+    OrthogonalDecoupler,
+)
+from lightning_desa2va.models.fusion import (
+    ConfidenceFusion,
+    DynamicFusion,
+    LearnedFusion,
+    MaxFusion,
+    MeanFusion,
+    TextFusion,
+    VisualFusion,
+)
 from lightning_desa2va.models.motion_cue import NoMotionCue, NormalFlowCue
 
 
@@ -22,7 +37,8 @@ def test_default_compose_has_every_component_and_the_stage_1_schedule(compose) -
     components = ("decoupler", "text_prompt", "visual_prompt", "fusion", "motion_cue", "loss")
     for group in ("model", *components, "data", "stage"):
         assert group in cfg, group
-    assert cfg.decoupler._target_.endswith("LinearDecoupler")
+    assert cfg.decoupler._target_.endswith("LinearOrthoDecoupler")
+    assert cfg.loss.w_orth == 0.1
     assert cfg.fusion._target_.endswith("DynamicFusion")
     assert cfg.stage._target_.endswith("TextPretrainStage")
     assert cfg.logger.run_name == "text_pretrain"  # the stage's _global_ package reaches other groups
@@ -85,7 +101,16 @@ def test_unknown_experiment_fails_naming_it(compose) -> None:
         compose("experiment=no_such_experiment")
 
 
-@pytest.mark.parametrize(("choice", "expected"), [("none", NoDecoupler), ("linear", LinearDecoupler)])
+@pytest.mark.parametrize(
+    ("choice", "expected"),
+    [
+        ("none", NoDecoupler),
+        ("linear", LinearDecoupler),
+        ("linear_ortho", LinearOrthoDecoupler),
+        ("orthogonal", OrthogonalDecoupler),
+        ("mlp", MLPDecoupler),
+    ],
+)
 def test_decoupler_override_swaps_the_built_class(make_model, choice, expected) -> None:
     _, model = make_model(f"decoupler={choice}")
     assert type(model.decoupler) is expected
@@ -97,13 +122,18 @@ def test_decoupler_override_swaps_the_built_class(make_model, choice, expected) 
 @pytest.mark.parametrize(
     ("choice", "expected"),
     [
+        ("text", TextFusion),
         ("visual", VisualFusion),
+        ("mean", MeanFusion),
+        ("learned", LearnedFusion),
         ("dynamic", DynamicFusion),
+        ("confidence", ConfidenceFusion),
+        ("max", MaxFusion),
     ],
 )
-def test_fusion_override_swaps_the_built_class(make_model, choice, expected) -> None:
-    _, model = make_model(f"fusion={choice}")
-    assert type(model.fusion) is expected
+def test_fusion_override_swaps_the_built_class(compose, choice, expected) -> None:
+    fusion = instantiate(compose(f"fusion={choice}").fusion)(embed_dim=8)
+    assert type(fusion) is expected
 
 
 @pytest.mark.parametrize(("choice", "expected"), [("none", NoMotionCue), ("normal_flow", NormalFlowCue)])

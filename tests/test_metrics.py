@@ -1,4 +1,5 @@
-"""J and F against a plain numpy/scipy reference of the DAVIS definitions, and JFMetric aggregation."""
+"""J and F against a plain numpy/scipy reference of the DAVIS definitions, JFMetric aggregation, cIoU and
+gIoU against hand counts (empty masks included), and the per-type mean."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from lightning_desa2va.metrics import (
     EXPRESSION_TYPES,
     JFMetric,
     MaskShareMetric,
+    PerTypeMean,
+    ReferringIoUMetric,
     boundary_f_measure,
     boundary_map,
     region_similarity,
@@ -266,3 +269,81 @@ def test_mask_share_without_look_words_counts_no_lookalikes() -> None:
     metric.update(ids > 0, ids == 1, ids, torch.full_like(looks, IGNORE_INDEX), ["motion"])
     shares = metric.compute()
     assert shares["lookalike"] == 0.0 and shares["other"] == pytest.approx(2 / 3)
+
+
+def box(size: int, rows: slice, cols: slice) -> torch.Tensor:
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    mask[rows, cols] = True
+    return mask
+
+
+EMPTY = box(4, slice(0, 0), slice(0, 0))
+# (type, prediction, ground truth) with hand-counted intersection / union
+IOU_SAMPLES = [
+    ("static", box(4, slice(0, 2), slice(0, 3)), box(4, slice(0, 2), slice(0, 2))),  # I 4, U 6
+    ("static", EMPTY, box(4, slice(2, 3), slice(0, 2))),  # empty prediction: I 0, U 2
+    ("motion", EMPTY, EMPTY),  # empty and empty: IoU 1 for gIoU, adds 0/0 to cIoU
+    ("motion", box(4, slice(3, 4), slice(0, 3)), EMPTY),  # empty ground truth: I 0, U 3
+    ("mixed", box(4, slice(0, 2), slice(0, 4)), box(4, slice(0, 2), slice(0, 4))),  # I 8, U 8
+]
+
+
+def iou_metric_of(samples) -> ReferringIoUMetric:
+    metric = ReferringIoUMetric()
+    types, preds, gts = zip(*samples, strict=True)
+    metric.update(torch.stack(preds), torch.stack(gts), list(types))
+    return metric
+
+
+def test_ciou_and_giou_match_hand_counts_with_empty_masks() -> None:
+    results = iou_metric_of(IOU_SAMPLES).compute()
+    expected = {
+        "cIoU": (4 + 0 + 0 + 8) / (6 + 2 + 3 + 8),
+        "gIoU": (4 / 6 + 0 + 1 + 0 + 1) / 5,
+        "cIoU/static": 4 / 8,
+        "gIoU/static": (4 / 6 + 0) / 2,
+        "cIoU/motion": 0 / 3,
+        "gIoU/motion": (1 + 0) / 2,
+        "cIoU/mixed": 1.0,
+        "gIoU/mixed": 1.0,
+    }
+    assert results.keys() == expected.keys()
+    for name, value in expected.items():
+        assert results[name] == pytest.approx(value), name
+
+
+def test_ciou_is_left_out_when_every_sample_is_empty_and_correct() -> None:
+    assert iou_metric_of([("motion", EMPTY, EMPTY)]).compute() == {"gIoU": 1.0, "gIoU/motion": 1.0}
+
+
+def test_a_video_sample_sums_intersection_and_union_over_its_frames() -> None:
+    pred = torch.stack([box(4, slice(0, 1), slice(0, 2)), box(4, slice(0, 1), slice(0, 3))])[None]
+    gt = torch.stack([box(4, slice(0, 1), slice(0, 1)), box(4, slice(0, 1), slice(0, 3))])[None]
+    metric = ReferringIoUMetric()
+    metric.update(pred, gt, ["static"])  # frame 0: I 1 U 2, frame 1: I 3 U 3
+    assert metric.compute()["gIoU"] == pytest.approx(4 / 5)  # not the mean of per-frame IoUs (0.75)
+
+
+def test_iou_metric_states_merge_as_a_multi_process_sync_reduces_them() -> None:
+    whole = iou_metric_of(IOU_SAMPLES)
+    first, second = iou_metric_of(IOU_SAMPLES[:2]), iou_metric_of(IOU_SAMPLES[2:])
+    first.merge_state(second)
+    assert first.compute() == pytest.approx(whole.compute())
+
+
+def test_iou_metric_rejects_unknown_types_and_logits() -> None:
+    with pytest.raises(ValueError, match="unknown expression type"):
+        iou_metric_of([("spatial", EMPTY, EMPTY)])
+    with pytest.raises(TypeError, match="bool"):
+        ReferringIoUMetric().update(torch.zeros(1, 4, 4), torch.zeros(1, 4, 4, dtype=torch.bool), ["static"])
+
+
+def test_per_type_mean_averages_overall_and_per_type_and_merges() -> None:
+    metric = PerTypeMean("qa_accuracy")
+    metric.update(torch.tensor([1.0, 0.0, 1.0]), ["static", "static", "mixed"])
+    other = PerTypeMean("qa_accuracy")
+    other.update(torch.tensor([0.0]), ["mixed"])
+    metric.merge_state(other)
+    assert metric.compute() == pytest.approx(
+        {"qa_accuracy": 0.5, "qa_accuracy/static": 0.5, "qa_accuracy/mixed": 0.5}
+    )

@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_desa2va.losses import LossTerms, MaskLoss, TripleSupervisionLoss
-from lightning_desa2va.models.decoupler import LinearDecoupler, NoDecoupler, SegEmbeddings
+from lightning_desa2va.losses import LossTerms, MaskLoss, TripleSupervisionLoss, uncertain_points
+from lightning_desa2va.models.decoupler import (
+    LinearDecoupler,
+    LinearOrthoDecoupler,
+    NoDecoupler,
+    SegEmbeddings,
+)
 from lightning_desa2va.models.desa2va import DeSa2VAOutput
 
 B, T = 2, 2
@@ -170,15 +175,16 @@ def test_no_decoupler_shares_one_embedding() -> None:
     embeddings = decoupler(torch.randn(4, 16))
     assert embeddings.text is embeddings.visual
     assert embeddings.text.shape == (4, 8)
-    assert decoupler.orthogonality_penalty(embeddings).item() == 0.0
+    assert not decoupler.has_penalty and decoupler.subspace_maps() is None
 
 
 def test_linear_decoupler_splits_into_two_embeddings() -> None:
     torch.manual_seed(0)
-    decoupler = LinearDecoupler(in_dim=16, out_dim=8)
+    decoupler = LinearOrthoDecoupler(in_dim=16, out_dim=8)
     embeddings = decoupler(torch.randn(4, 16))
     assert embeddings.text.shape == embeddings.visual.shape == (4, 8)
     assert not torch.allclose(embeddings.text, embeddings.visual)
+    assert decoupler.has_penalty and not LinearDecoupler.has_penalty
     penalty = decoupler.orthogonality_penalty(embeddings)
     assert penalty.ndim == 0 and 0 < penalty.item() <= 1
     penalty.backward()
@@ -205,7 +211,7 @@ def test_batch_input_norm_takes_a_training_batch_of_one_with_its_running_statist
 
 
 def test_orthogonality_penalty_is_zero_for_orthogonal_and_one_for_parallel_embeddings() -> None:
-    decoupler = LinearDecoupler(in_dim=2, out_dim=2)
+    decoupler = LinearOrthoDecoupler(in_dim=2, out_dim=2)
     text = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     orthogonal = decoupler.orthogonality_penalty(SegEmbeddings(text=text, visual=text.flip(-1)))
     parallel = decoupler.orthogonality_penalty(SegEmbeddings(text=text, visual=-3 * text))
@@ -260,10 +266,18 @@ def test_zero_orth_and_lm_weights_need_neither_input() -> None:
 
 def test_missing_inputs_for_weighted_terms_raise() -> None:
     target = torch.rand(2, 2, 8, 8) > 0.5
-    with pytest.raises(ValueError, match="w_orth"):
-        triple(w_lm=0.0)(fake_output(target), target, None)
     with pytest.raises(ValueError, match="w_lm"):
         triple(w_orth=0.0)(fake_output(target), target, None)
+    undecoded = fake_output(target, lm_loss=torch.tensor(1.0))
+    undecoded.text_logits = None
+    with pytest.raises(ValueError, match="text mask"):
+        triple()(undecoded, target, None)
+
+
+def test_w_orth_weighs_nothing_for_a_decoupler_without_a_penalty() -> None:
+    target = torch.rand(2, 2, 8, 8) > 0.5
+    result = triple(w_lm=0.0)(fake_output(target), target, None)
+    assert set(result.terms) == {"fused", "text", "visual"}
 
 
 def test_all_zero_weights_raise() -> None:
@@ -287,3 +301,33 @@ def test_mask_loss_is_near_zero_for_perfect_logits_and_high_for_inverted() -> No
 def test_mask_loss_rejects_mismatched_shapes() -> None:
     with pytest.raises(ValueError, match="differ"):
         MaskLoss(w_bce=1.0, w_dice=1.0)(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 8, 8))
+
+
+def test_uncertain_points_are_picked_where_the_logits_are_least_certain() -> None:
+    torch.manual_seed(0)
+    logits = torch.full((2, 1, 32, 32), 10.0)
+    logits[..., :16] = 0.0  # the left half is undecided
+    num_points, importance = 100, 0.75
+    points = uncertain_points(logits, num_points, oversample_ratio=3, importance_sample_ratio=importance)
+    assert points.shape == (2, num_points, 2) and ((points >= 0) & (points <= 1)).all()
+    chosen = int(importance * num_points)
+    assert (points[:, :chosen, 0] < 0.5).all()  # x in [0, 1]: every importance point on the undecided half
+    assert 0 < (points[:, chosen:, 0] < 0.5).float().mean() < 1  # the rest spread uniformly
+
+
+def test_uniformly_point_sampled_mask_loss_estimates_the_dense_loss() -> None:
+    torch.manual_seed(0)
+    target = torch.zeros(2, 2, 32, 32, dtype=torch.bool)
+    target[..., 8:20, 4:24] = True
+    logits = torch.nn.functional.interpolate(3 * torch.randn(4, 1, 4, 4), size=(32, 32), mode="bilinear")
+    logits = logits.view(2, 2, 32, 32).requires_grad_()
+    dense = MaskLoss(w_bce=2.0, w_dice=0.5)(logits, target)
+    sampled = MaskLoss(w_bce=2.0, w_dice=0.5, num_points=8192, importance_sample_ratio=0.0)(logits, target)
+    assert sampled.item() == pytest.approx(dense.item(), rel=0.05)
+    sampled.backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_point_sampling_rejects_bad_settings() -> None:
+    with pytest.raises(ValueError, match="importance_sample_ratio"):
+        MaskLoss(w_bce=1.0, w_dice=1.0, num_points=10, importance_sample_ratio=1.5)

@@ -94,7 +94,7 @@ def test_mlflow_holds_one_finished_run_per_stage_with_params_and_metrics(demo_st
     finetune = runs["decoupled_finetune"]
     assert finetune.info.status == "FINISHED"
     params = finetune.data.params
-    assert params["decoupler/_target_"] == "lightning_desa2va.models.decoupler.LinearDecoupler"
+    assert params["decoupler/_target_"] == "lightning_desa2va.models.decoupler.LinearOrthoDecoupler"
     assert params["fusion/_target_"] == "lightning_desa2va.models.fusion.DynamicFusion"
     assert float(params["loss/w_t"]) == 0.25
     for run in runs.values():
@@ -102,7 +102,7 @@ def test_mlflow_holds_one_finished_run_per_stage_with_params_and_metrics(demo_st
             assert name in run.data.metrics, f"{run.info.run_name} lacks {name}"
         assert len(_client(root).get_metric_history(run.info.run_id, "train/loss")) >= 1
         assert run.data.tags["experiment"] == "desa2va_tiny"
-        assert run.data.tags["decoupler"] == "linear"
+        assert run.data.tags["decoupler"] == "linear_ortho"
     for name in ("test/JF", "test/union_baseline/JF"):
         assert name in finetune.data.metrics
     experiment = _client(root).get_experiment_by_name("desa2va")

@@ -15,6 +15,7 @@ from lightning_desa2va.data.clips import ClipEncoder, collate_clips
 from lightning_desa2va.data.schema import ObjectTrack, QAPair
 from lightning_desa2va.data.synthetic import SyntheticConfig, generate_video
 from lightning_desa2va.models.tokenizer import IMAGE_CONTEXT_TOKEN, TURN_END_TOKEN, UNK_TOKEN
+from lightning_desa2va.stages.answers import score_answers
 from lightning_desa2va.stages.base import NonFiniteLossError
 from lightning_desa2va.stages.referent import referent_hits, referent_loss, referent_rows
 from lightning_desa2va.stages.vlm_pretrain import (
@@ -22,7 +23,6 @@ from lightning_desa2va.stages.vlm_pretrain import (
     NoAnswersError,
     expression_separation,
     question_kind,
-    score_answers,
 )
 
 STEPS = 8

@@ -17,24 +17,50 @@ from lightning_desa2va.models.fusion import FusedMask, Fusion
 from lightning_desa2va.models.motion_prompt import StatedMotion
 from lightning_desa2va.models.sam2 import FrameFeatures, LanguagePromptedSAM2, MaskPrediction
 from lightning_desa2va.models.text_prompt import TextPrompt, TextPromptHead
-from lightning_desa2va.models.visual_prompt import TokenVisualPrompt
 from lightning_desa2va.models.vlm import SegTokenVLM
+
+
+@dataclass(frozen=True)
+class MaskRequest:
+    """Which masks a caller needs from :meth:`DeSa2VA.forward`; the model decodes only what they need.
+
+    The fused mask needs the masks its fusion reads (``Fusion.reads_text`` / ``reads_visual``), so e.g.
+    ``MaskRequest(text=False, visual=False)`` with ``fusion=visual`` decodes the visual mask alone.
+    """
+
+    fused: bool = True
+    text: bool = True
+    visual: bool = True
+
+    def decodes(self, fusion: Fusion) -> tuple[bool, bool]:
+        """Whether the text and the visual mask are decoded under ``fusion``."""
+        return (
+            self.text or (self.fused and fusion.reads_text),
+            self.visual or (self.fused and fusion.reads_visual),
+        )
+
+
+EVERY_MASK = MaskRequest()
+FUSED_ONLY = MaskRequest(fused=True, text=False, visual=False)
+"""What evaluation needs: the fused mask, so the masks its fusion reads."""
 
 
 @dataclass
 class DeSa2VAOutput:
-    """Every mask the triple supervision needs, per frame [B, T, H, W], and the diagnostics."""
+    """The masks that were requested per frame [B, T, H, W] (``None``: not decoded), and the diagnostics."""
 
-    text_logits: Tensor
-    visual_logits: Tensor
-    fused_logits: Tensor
+    text_logits: Tensor | None
+    visual_logits: Tensor | None
+    fused_logits: Tensor | None
     embeddings: SegEmbeddings
-    gate: Tensor | None
+    gate: Tensor | None  # [B, T, H, W] the fusion's weight on the text mask, when it has one
     lm_loss: Tensor | None
     text_points: Tensor | None  # [B, T, K, 2] in pixels
     text_heatmap: Tensor | None  # [B, T, K, h, w] logits, for prompts found on the frame
     image_embeddings: Tensor  # [B·T, C, h, w] what the mask decoder attended to, motion cue included
     stated_motion: StatedMotion | None = None  # what the motion prompt read from z_t (if it has one)
+    text_iou: Tensor | None = None  # [B, T] SAM-2's IoU prediction for the text mask
+    visual_iou: Tensor | None = None  # [B, T] ... and for the visual mask
 
 
 @dataclass
@@ -56,7 +82,7 @@ class DeSa2VA(nn.Module):
         sam: LanguagePromptedSAM2,
         decoupler: Callable[..., Decoupler],
         text_prompt: Callable[..., TextPromptHead],
-        visual_prompt: Callable[..., TokenVisualPrompt],
+        visual_prompt: Callable[..., nn.Module],
         fusion: Callable[..., Fusion],
         motion_cue: Callable[..., nn.Module],
         motion_prompt: Callable[..., nn.Module],
@@ -78,14 +104,14 @@ class DeSa2VA(nn.Module):
 
     def text_masks(
         self, features: FrameFeatures, z_text: Tensor, num_frames: int, dense: Tensor | None = None
-    ) -> tuple[Tensor, TextPrompt]:
-        """Text mask logits [B·T, 1, H, W] from z_t [B, C]: the clip's z_t prompts each of its frames
-        (with the motion prompt's ``dense`` embeddings, if any)."""
+    ) -> tuple[MaskPrediction, TextPrompt]:
+        """Text mask prediction for every frame (logits [B·T, 1, H, W]) from z_t [B, C]: the clip's z_t
+        prompts each of its frames (with the motion prompt's ``dense`` embeddings, if any)."""
         prompt = self.text_prompt(z_text.repeat_interleave(num_frames, dim=0), self.sam, features)
         masks = self.sam.decode_prompts(
             features, prompt.tokens, multimask=self.text_prompt.single_click, dense_prompts=dense
         )
-        return masks.logits, prompt
+        return masks, prompt
 
     def visual_masks(
         self, features: FrameFeatures, z_visual: Tensor, num_frames: int, dense: Tensor | None = None
@@ -102,7 +128,8 @@ class DeSa2VA(nn.Module):
         seg_hidden = self.vlm(input_ids, attention_mask).seg_hidden
         z_text = self.decoupler(seg_hidden).text
         features = self.encode_frames(frames)
-        logits, prompt = self.text_masks(features, z_text, num_frames)
+        masks, prompt = self.text_masks(features, z_text, num_frames)
+        logits = masks.logits
         return TextSegmentation(
             logits.view(batch, num_frames, *logits.shape[-2:]), prompt, features.image_embeddings
         )
@@ -120,36 +147,56 @@ class DeSa2VA(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor,
         labels: Tensor | None = None,
+        masks: MaskRequest = EVERY_MASK,
     ) -> DeSa2VAOutput:
-        """Stage 2 and inference: frames [B, T, 3, H, W] for SAM-2, [B, T, 3, s, s] for the VLM."""
+        """Stage 2 and inference: frames [B, T, 3, H, W] for SAM-2, [B, T, 3, s, s] for the VLM.
+
+        ``masks`` says which masks are needed; a mask nothing needs is not decoded (its output is ``None``),
+        so e.g. the Sa2VA baseline (``decoupler=none fusion=visual``, w_t = 0) runs one decode per frame.
+        """
         batch, num_frames = frames.shape[:2]
+        decode_text, decode_visual = masks.decodes(self.fusion)
         vlm_out = self.vlm(input_ids, attention_mask, vlm_pixels.flatten(0, 1), labels)
         embeddings = self.decoupler(vlm_out.seg_hidden)
         features = self.encode_frames(frames)
         motion = self.motion_prompt(embeddings.text, frames, features)
-        text_logits, prompt = self.text_masks(features, embeddings.text, num_frames, motion.dense)
-        visual_logits = self.visual_masks(features, embeddings.visual, num_frames, motion.dense).logits
-        per_frame = SegEmbeddings(
-            text=embeddings.text.repeat_interleave(num_frames, dim=0),
-            visual=embeddings.visual.repeat_interleave(num_frames, dim=0),
-        )
-        fused: FusedMask = self.fusion(text_logits, visual_logits, per_frame)
+        text: MaskPrediction | None = None
+        prompt: TextPrompt | None = None
+        visual: MaskPrediction | None = None
+        if decode_text:
+            text, prompt = self.text_masks(features, embeddings.text, num_frames, motion.dense)
+        if decode_visual:
+            visual = self.visual_masks(features, embeddings.visual, num_frames, motion.dense)
+        fused: FusedMask | None = None
+        if masks.fused:
+            per_frame = SegEmbeddings(
+                text=embeddings.text.repeat_interleave(num_frames, dim=0),
+                visual=embeddings.visual.repeat_interleave(num_frames, dim=0),
+            )
+            fused = self.fusion(
+                text if self.fusion.reads_text else None,
+                visual if self.fusion.reads_visual else None,
+                per_frame,
+            )
 
-        def clip_view(logits: Tensor) -> Tensor:
-            return logits.view(batch, num_frames, *logits.shape[-2:])
-
-        def per_clip(rows: Tensor | None) -> Tensor | None:
-            return None if rows is None else rows.view(batch, num_frames, *rows.shape[1:])
+        def of_clips(rows: Tensor | None, channel: bool) -> Tensor | None:
+            """Rows [B·T, ...] as [B, T, ...], dropping a per-frame channel of 1 (masks [B·T, 1, H, W] →
+            [B, T, H, W], IoUs [B·T, 1] → [B, T]); ``None`` stays ``None``."""
+            if rows is None:
+                return None
+            return rows.reshape(batch, num_frames, *rows.shape[2 if channel else 1 :])
 
         return DeSa2VAOutput(
-            text_logits=clip_view(text_logits),
-            visual_logits=clip_view(visual_logits),
-            fused_logits=clip_view(fused.logits),
+            text_logits=of_clips(text and text.logits, channel=True),
+            visual_logits=of_clips(visual and visual.logits, channel=True),
+            fused_logits=of_clips(fused and fused.logits, channel=True),
             embeddings=embeddings,
-            gate=None if fused.gate is None else clip_view(fused.gate),
+            gate=of_clips(fused and fused.gate, channel=True),
             lm_loss=vlm_out.lm_loss,
-            text_points=per_clip(prompt.points),
-            text_heatmap=per_clip(prompt.heatmap_logits),
+            text_points=of_clips(prompt and prompt.points, channel=False),
+            text_heatmap=of_clips(prompt and prompt.heatmap_logits, channel=False),
             image_embeddings=features.image_embeddings,
             stated_motion=motion.stated,
+            text_iou=of_clips(text and text.iou, channel=True),
+            visual_iou=of_clips(visual and visual.iou, channel=True),
         )

@@ -1,6 +1,7 @@
 """Text prompts: turn the text embedding z_t into sparse prompt tokens for SAM-2's mask decoder.
 
-Config group ``text_prompt``. ``points`` is DeSa2VA's point-level prompt: z_t predicts K points whose
+Config group ``text_prompt``. ``tokens`` maps z_t to K sparse tokens directly (as Sa2VA's visual prompt
+does with its one token). ``points`` is DeSa2VA's point-level prompt: z_t predicts K points whose
 coordinates and labels SAM-2's own prompt encoder embeds, plus a content embedding per point so the
 prompt also carries what the text said, not only where. ``grounded_points`` finds each point on the frame
 instead of regressing it: z_t scores every cell of SAM-2's image embedding and the point is the expected
@@ -35,8 +36,6 @@ RGB_CHANNELS = 3
 class TextPromptHead(nn.Module, ABC):
     """Base class: ``forward(z_t, sam, features)`` gives one :class:`TextPrompt` per frame."""
 
-    num_points: int
-
     @property
     def single_click(self) -> bool:
         """Whether the prompt is one click on the frame, which SAM-2 decodes as an ambiguous prompt."""
@@ -49,6 +48,20 @@ class TextPromptHead(nn.Module, ABC):
     @staticmethod
     def positive_labels(points: Tensor) -> Tensor:
         return torch.ones(points.shape[:2], dtype=torch.int32, device=points.device)
+
+
+class TokenTextPrompt(TextPromptHead):
+    """z_t → K sparse prompt tokens [N, K, C] = reshape(W z_t + b): no points, nothing SAM-2's prompt encoder
+    knows, only what the mask decoder learns to read."""
+
+    def __init__(self, in_dim: int, prompt_dim: int, num_tokens: int) -> None:
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.to_tokens = nn.Linear(in_dim, num_tokens * prompt_dim)
+
+    def forward(self, z_text: Tensor, sam: LanguagePromptedSAM2, features: FrameFeatures) -> TextPrompt:
+        """Tokens from z_t alone: the frame's ``features`` are not looked at."""
+        return TextPrompt(tokens=self.to_tokens(z_text).view(z_text.shape[0], self.num_tokens, -1))
 
 
 class PointTextPrompt(TextPromptHead):

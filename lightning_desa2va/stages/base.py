@@ -1,10 +1,12 @@
 """What the stages share.
 
-:class:`TrainingStage`: which modules train, the optimizer (and optional LR schedule), the NaN guard.
-:class:`SegmentationStage` adds J&F evaluation: a subclass says how a batch becomes a loss
-(``training_step``) and mask logits (``predict_logits``); validation and test then measure J, F and J&F
-per expression type with the same :class:`~lightning_desa2va.metrics.JFMetric`, and save overlays of a
-few clips for people to look at.
+:class:`TrainingStage`: which modules train (reported per module at start), the optimizer (and optional
+LR schedule), the NaN guard. :class:`SegmentationStage` adds evaluation: a subclass says how a batch
+becomes a loss (``training_step``) and mask logits (``predict_logits``); validation and test then measure
+J, F and J&F (:class:`~lightning_desa2va.metrics.JFMetric`), cIoU and gIoU
+(:class:`~lightning_desa2va.metrics.ReferringIoUMetric`) and where the mask falls, per expression type,
+and save overlays of a few clips for people to look at. A stage adds metrics of its own with
+``score_metrics`` and updates them in ``evaluation_logits``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from abc import abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +22,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torchmetrics
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_desa2va.losses import LossTerms
-from lightning_desa2va.metrics import JFMetric, MaskShareMetric
+from lightning_desa2va.metrics import JFMetric, MaskShareMetric, ReferringIoUMetric
 from lightning_desa2va.models.desa2va import DeSa2VA
 from lightning_desa2va.stages.motion import MotionProbe
 from lightning_desa2va.tracking import log_artifacts
@@ -33,6 +35,10 @@ log = logging.getLogger(__name__)
 
 Optimizer = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 Scheduler = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+SPLITS = ("val", "test")
+SCORE_PREFIXES = {"mask_share": "mask_share/", "diag": "diag/"}
+"""Metrics (by their key in ``score_metrics``) whose results are logged under a prefix: ``val/diag/...``."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -73,7 +79,35 @@ class TrainingStage(pl.LightningModule):
             if any(part in name for part in extra):
                 parameter.requires_grad_(True)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        log.info("%s trains %d of %d parameters", type(self).__name__, trainable, self.model_size)
+        log.info(
+            "%s trains %d of %d parameters:\n%s",
+            type(self).__name__,
+            trainable,
+            self.model_size,
+            self.trainable_table(extra),
+        )
+
+    def trainable_table(self, extra: Iterable[str] = ()) -> str:
+        """Trainable / total parameters of every part of the model, of each configured nested module
+        (e.g. ``sam.sam_mask_decoder``), of the parameters named by ``extra`` (e.g. LoRA's ``lora_``) and
+        of the heads the stage holds itself, one row each."""
+        rows: list[tuple[str, list[nn.Parameter]]] = [
+            (name, list(module.parameters())) for name, module in self.model.named_children()
+        ]
+        nested = [name for name in self.train_modules if "." in name]
+        rows += [(name, list(self.model.get_submodule(name).parameters())) for name in nested]
+        rows += [(f"*{tag}*", [p for n, p in self.model.named_parameters() if tag in n]) for tag in extra]
+        rows += [
+            (f"stage.{name}", list(module.parameters()))
+            for name, module in self.named_children()
+            if module is not self.model and any(True for _ in module.parameters())
+        ]
+        width = max(len(name) for name, _ in rows)
+        lines = [f"{'module':<{width}}  {'trainable':>12}  {'total':>12}"]
+        for name, parameters in rows:
+            trained = sum(p.numel() for p in parameters if p.requires_grad)
+            lines.append(f"{name:<{width}}  {trained:>12,}  {sum(p.numel() for p in parameters):>12,}")
+        return "\n".join(lines)
 
     @property
     def model_size(self) -> int:
@@ -122,11 +156,13 @@ class SegmentationStage(TrainingStage):
         self.motion_probe = (
             MotionProbe(model.sam.prompt_dim, model.vlm.vocab_size, motion_grid) if w_motion > 0 else None
         )
-        self.val_jf = JFMetric()
-        self.test_jf = JFMetric()
-        self.val_share = MaskShareMetric()
-        self.test_share = MaskShareMetric()
+        self.scores = nn.ModuleDict({split: nn.ModuleDict(self.score_metrics()) for split in SPLITS})
         self._overlays: list[OverlayItem] = []
+
+    def score_metrics(self) -> dict[str, torchmetrics.Metric]:
+        """The metrics validation and test each update, by key (``SCORE_PREFIXES`` says which log under a
+        prefix); a stage that measures more adds its own."""
+        return {"jf": JFMetric(), "iou": ReferringIoUMetric(), "mask_share": MaskShareMetric()}
 
     def motion_objective(self, image_embeddings: Tensor, batch: dict[str, Any]) -> MotionTerms | None:
         """The motion probe on the embeddings the masks were decoded from (``None`` when ``w_motion`` is 0
@@ -152,21 +188,24 @@ class SegmentationStage(TrainingStage):
     def predict_logits(self, batch: dict[str, Any]) -> Tensor:
         """The stage's output mask logits [B, T, H, W] for a batch."""
 
+    def evaluation_logits(self, batch: dict[str, Any], split: str) -> Tensor:
+        """The mask logits validation and test score; a stage with metrics of its own updates them here
+        (``self.scores[split]``) from the same forward pass."""
+        return self.predict_logits(batch)
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_jf, self.val_share)
+        self._evaluate(batch, "val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_jf, self.test_share)
+        self._evaluate(batch, "test")
 
-    def _evaluate(self, batch: dict[str, Any], metric: torchmetrics.Metric, share: MaskShareMetric) -> None:
-        predicted = self.predict_logits(batch) > 0
-        metric.update(predicted, batch["target_masks"], batch["expression_type"])
-        share.update(
-            predicted,
-            batch["target_masks"],
-            batch["instance_masks"],
-            batch["object_look_ids"],
-            batch["expression_type"],
+    def _evaluate(self, batch: dict[str, Any], split: str) -> None:
+        predicted = self.evaluation_logits(batch, split) > 0
+        scores, target, types = self.scores[split], batch["target_masks"], batch["expression_type"]
+        scores["jf"].update(predicted, target, types)
+        scores["iou"].update(predicted, target, types)
+        scores["mask_share"].update(
+            predicted, target, batch["instance_masks"], batch["object_look_ids"], types
         )
         for index in range(len(batch["expression"])):
             if len(self._overlays) >= self.num_overlays:
@@ -175,27 +214,31 @@ class SegmentationStage(TrainingStage):
                 OverlayItem(
                     frames=self._unnormalise(batch["frames"][index].cpu()),
                     pred=predicted[index].cpu(),
-                    gt=batch["target_masks"][index].cpu(),
+                    gt=target[index].cpu(),
                     title=batch["expression"][index],
                     name=f"{batch['video_id'][index]}_{batch['expression'][index]}",
                 )
             )
 
     def on_validation_epoch_end(self) -> None:
-        self._log_results(self.val_jf, "val", self.val_share)
+        self._log_results("val")
         self.last_validated_step = self.global_step
 
     def on_test_epoch_end(self) -> None:
-        self._log_results(self.test_jf, "test", self.test_share)
+        self._log_results("test")
 
-    def _log_results(
-        self, metric: torchmetrics.Metric, split: str, share: MaskShareMetric | None = None
-    ) -> None:
-        results = metric.compute()
-        metric.reset()
-        if share is not None:
-            results.update({f"mask_share/{name}": value for name, value in share.compute().items()})
-            share.reset()
+    def extra_results(self) -> dict[str, float]:
+        """Results that no metric aggregates (e.g. measured on the weights), logged with every evaluation."""
+        return {}
+
+    def _log_results(self, split: str, metrics: Mapping[str, torchmetrics.Metric] | None = None) -> None:
+        """Compute, reset and log ``metrics`` (default: the split's ``scores``), then save the overlays."""
+        results = self.extra_results()
+        for key, metric in (self.scores[split] if metrics is None else metrics).items():
+            if metric.update_called:  # e.g. no QA turn in any batch: nothing to report
+                prefix = SCORE_PREFIXES.get(key, "")
+                results.update({f"{prefix}{name}": value for name, value in metric.compute().items()})
+            metric.reset()
         self.log_dict({f"{split}/{name}": value for name, value in results.items()}, sync_dist=True)
         overlays, self._overlays = self._overlays, []
         if self.trainer.sanity_checking or not overlays:

@@ -3,6 +3,9 @@
 Frames and the expression go through the VLM (language model adapted with LoRA); the ``[SEG]`` state is
 decoupled into z_t and z_v, each prompts SAM-2, the two masks are fused, and the triple supervision (plus
 the orthogonality and LM terms) trains it. The model starts from a stage-1 checkpoint (``init_from``).
+Training decodes only the masks the loss weighs or the fusion reads; evaluation only what the fused mask
+needs. Validation also scores the QA turn that follows the ``[SEG]`` answer (exact match under teacher
+forcing) and logs the disentanglement diagnostics (:mod:`lightning_desa2va.diagnostics`).
 """
 
 from __future__ import annotations
@@ -12,18 +15,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torchmetrics
 from peft import LoraConfig, inject_adapter_in_model
 from torch import Tensor
 from torch.nn import functional as F
 
+from lightning_desa2va.data.chat import IGNORE_INDEX
+from lightning_desa2va.diagnostics import DisentanglementMetric, subspace_overlap
 from lightning_desa2va.losses import LossTerms, TripleSupervisionLoss
-from lightning_desa2va.models.desa2va import DeSa2VA, DeSa2VAOutput
+from lightning_desa2va.metrics import PerTypeMean
+from lightning_desa2va.models.desa2va import FUSED_ONLY, DeSa2VA, DeSa2VAOutput, MaskRequest
+from lightning_desa2va.stages.answers import answer_spans, score_answers
 from lightning_desa2va.stages.base import Optimizer, SegmentationStage
 from lightning_desa2va.stages.checkpoints import load_model_weights
 
 log = logging.getLogger(__name__)
 
 LORA_PARAMETER_TAG = "lora_"
+SEGMENTATION_ANSWERS = 1
+"""Labelled answers before the QA turns in a stage-2 conversation: the ``[SEG]`` answer."""
 
 
 class DecoupledFinetuneStage(SegmentationStage):
@@ -52,27 +62,75 @@ class DecoupledFinetuneStage(SegmentationStage):
         if lora is not None:
             inject_adapter_in_model(lora, model.vlm.language_model)
         self.select_trainable(extra=(LORA_PARAMETER_TAG,) if lora is not None else ())
+        self.uses_penalty = loss.uses_orth and model.decoupler.has_penalty
+        if loss.uses_orth and not model.decoupler.has_penalty:
+            log.warning(
+                "loss.w_orth=%s has no effect: %s defines no penalty (decoupler=linear_ortho does)",
+                loss.weights["orth"],
+                type(model.decoupler).__name__,
+            )
 
-    def forward_batch(self, batch: dict[str, Any]) -> DeSa2VAOutput:
+    def score_metrics(self) -> dict[str, torchmetrics.Metric]:
+        """Beside the masks' scores: QA exact match and the disentanglement diagnostics, per type."""
+        return {**super().score_metrics(), "qa": PerTypeMean("qa_accuracy"), "diag": DisentanglementMetric()}
+
+    def forward_batch(self, batch: dict[str, Any], masks: MaskRequest | None = None) -> DeSa2VAOutput:
+        """The model on a batch; ``masks`` (default: what the loss weighs) says which masks to decode."""
         return self.model(
             batch["frames"],
             batch["vlm_pixels"],
             batch["input_ids"],
             batch["attention_mask"],
             batch["labels"] if self.loss.uses_lm else None,
+            masks=self.loss.required_masks() if masks is None else masks,
         )
 
     def predict_logits(self, batch: dict[str, Any]) -> Tensor:
         """Fused masks on every frame, or (``propagate``) on the key frame then tracked by SAM-2's memory."""
-        fused = self.forward_batch(batch).fused_logits
+        return self.fused_prediction(batch, self.forward_batch(batch, FUSED_ONLY))
+
+    def fused_prediction(self, batch: dict[str, Any], output: DeSa2VAOutput) -> Tensor:
+        fused = output.fused_logits
         return self.model.propagate(batch["frames"], fused[:, 0]) if self.propagate else fused
+
+    def evaluation_logits(self, batch: dict[str, Any], split: str) -> Tensor:
+        """The fused masks, and on the same forward pass the diagnostics; then QA exact match."""
+        output = self.forward_batch(batch, FUSED_ONLY)
+        types = batch["expression_type"]
+        scores = self.scores[split]
+        scores["diag"].update(output.embeddings.text, output.embeddings.visual, output.gate, types)
+        self.score_qa(batch, scores["qa"])
+        return self.fused_prediction(batch, output)
+
+    def score_qa(self, batch: dict[str, Any], metric: PerTypeMean) -> None:
+        """Exact match of every QA answer after the ``[SEG]`` answer, under teacher forcing: all its tokens
+        (end of turn included) argmax-correct, which is what greedy decoding would answer. One more VLM
+        pass, for its logits (the segmentation pass reads only the ``[SEG]`` state)."""
+        labels = batch["labels"]
+        if max(len(spans) for spans in answer_spans(labels != IGNORE_INDEX)) <= SEGMENTATION_ANSWERS:
+            return  # no QA turn in the batch (data.chat.max_qa_turns = 0 or clips without QA pairs)
+        output = self.model.vlm.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["vlm_pixels"].flatten(0, 1),
+        )
+        hits, types = [], []
+        for row, answers in enumerate(score_answers(output.logits, labels).answers):
+            qa_answers = answers[SEGMENTATION_ANSWERS:]
+            hits += qa_answers
+            types += [batch["expression_type"][row]] * len(qa_answers)
+        if hits:
+            metric.update(torch.tensor(hits, dtype=torch.float64), types)
+
+    def extra_results(self) -> dict[str, float]:
+        """The principal angles between the subspaces z_t and z_v read (from the decoupler's weights)."""
+        overlap = subspace_overlap(self.model.decoupler.subspace_maps())
+        return {f"diag/{name}": value for name, value in overlap.items()}
 
     def compute_losses(self, batch: dict[str, Any]) -> tuple[DeSa2VAOutput, LossTerms]:
         """The model's output for a batch and every loss term on it (what a training step minimises)."""
         output = self.forward_batch(batch)
-        penalty = (
-            self.model.decoupler.orthogonality_penalty(output.embeddings) if self.loss.uses_orth else None
-        )
+        penalty = self.model.decoupler.orthogonality_penalty(output.embeddings) if self.uses_penalty else None
         return output, self.loss(output, batch["target_masks"], penalty, batch["stated_motion"])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:

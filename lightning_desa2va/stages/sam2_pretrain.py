@@ -308,11 +308,11 @@ class SAM2PretrainStage(SegmentationStage):
         self._evaluate_tracking(batch, self.test_tracking, "test")
 
     def on_validation_epoch_end(self) -> None:
-        self._log_results(self.val_tracking, "val")
+        self._log_results("val", {"tracking": self.val_tracking})
         self.last_validated_step = self.global_step
 
     def on_test_epoch_end(self) -> None:
-        self._log_results(self.test_tracking, "test")
+        self._log_results("test", {"tracking": self.test_tracking})
 
     def _evaluate_tracking(self, batch: dict[str, Any], metric: PromptedTrackingMetric, split: str) -> None:
         """Track every object of every clip not seen yet (batches repeat a clip once per expression)."""

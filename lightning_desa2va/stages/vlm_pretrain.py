@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,6 +24,7 @@ from torchmetrics import MeanMetric
 from lightning_desa2va.data.chat import IGNORE_INDEX
 from lightning_desa2va.data.schema import EXPRESSION_TYPES
 from lightning_desa2va.models.desa2va import DeSa2VA
+from lightning_desa2va.stages.answers import score_answers
 from lightning_desa2va.stages.base import Optimizer, Scheduler, TrainingStage
 from lightning_desa2va.stages.referent import referent_hits, referent_loss, referent_rows
 
@@ -41,39 +41,6 @@ per expression type, ``referent_accuracy/<type>``) and of the text-only label pr
 REFERENT_MOTION = "referent_motion_accuracy"
 """With the motion referent objective: the direction words named from the expression with its frames (also
 per expression type)."""
-
-
-@dataclass
-class AnswerScores:
-    """Teacher-forced argmax scores of a batch's answers."""
-
-    token_hits: Tensor  # [N] bool, one per labelled answer token of the batch
-    answers: list[list[bool]]  # per sequence, per answer (labelled run) in order: all its tokens right?
-
-
-def answer_spans(valid: Tensor) -> list[list[tuple[int, int]]]:
-    """Per row of a [B, L] bool mask, the ``[start, end)`` of each run of True (one run per answer)."""
-    spans: list[list[tuple[int, int]]] = []
-    padded = F.pad(valid.int(), (1, 1))
-    edges = padded[:, 1:] - padded[:, :-1]
-    for row in edges:
-        starts = (row == 1).nonzero().flatten().tolist()
-        ends = (row == -1).nonzero().flatten().tolist()
-        spans.append(list(zip(starts, ends, strict=True)))
-    return spans
-
-
-def score_answers(logits: Tensor, labels: Tensor) -> AnswerScores:
-    """Argmax of the logits at each position against the next label, over the labelled tokens only."""
-    predicted = logits[:, :-1].argmax(dim=-1)
-    target = labels[:, 1:]
-    valid = target != IGNORE_INDEX
-    hits = (predicted == target) & valid
-    answers = [
-        [bool(hits[row, start:end].all()) for start, end in spans]
-        for row, spans in enumerate(answer_spans(valid))
-    ]
-    return AnswerScores(token_hits=hits[valid], answers=answers)
 
 
 def question_kind(question: str, qa_kinds: dict[str, list[str]]) -> str:
