@@ -161,10 +161,11 @@ def convert_video(task: RLEVideo) -> VideoResult:
         if not frames:
             raise ShardFormatError(f"video {task.video!r}: no frames listed", "frame_count_mismatch")
         size = frames[0][1]
+        per_object = {o + 1: task.masks[a] or [] for o, a in objects.items()}  # checked by _expression
         id_maps, overlaps = [], 0
         for t, name in enumerate(task.frame_names):
             where = f"video {task.video!r}, frame {name!r}"
-            masks = {o + 1: decode_rle(task.masks[a][t], size, where) for o, a in objects.items()}  # type: ignore[index]
+            masks = {i: decode_rle(rles[t], size, where) for i, rles in per_object.items()}
             id_map, overlap = paint(masks, size)
             id_maps.append(id_map)
             overlaps += overlap
