@@ -24,12 +24,14 @@ gives the load average, which on a shared machine says how far the absolute figu
 from __future__ import annotations
 
 import argparse
+import gc
+import itertools
 import json
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +57,6 @@ JPEG_QUALITY = 90
 NOISE = 8.0
 """Pixel noise (std) on the smooth scene, so the JPEGs have a real video's size (~150-250 kB at 720p)."""
 WARMUP_BATCHES = 2
-PREFETCH_FACTOR = 2
-"""Batches each DataLoader worker prepares ahead (PyTorch's default ``prefetch_factor``)."""
 CONVERSION_WORKERS = 2
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
 OVERRIDES = ["experiment=desa2va_tiny", "stage=decoupled_finetune"]
@@ -160,28 +160,21 @@ class Sa2VAStyleMeViS(Dataset):
         return self.encoder(clip, Expression(expression["exp"], ids, "motion", ""))  # type: ignore[arg-type]
 
 
-def endless(loader: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Batches of epoch after epoch, after ``WARMUP_BATCHES`` not timed (worker start, first reads)."""
-
-    def batches() -> Iterator[dict[str, Any]]:
-        while True:
-            yield from loader
-
-    iterator = batches()
+def loader_rate(make_loader: Callable[[], DataLoader], count: int) -> float:
+    """Samples/s of a fresh loader over ``count`` batches, after ``WARMUP_BATCHES`` not timed (worker
+    start, first reads); its workers are gone when it returns, so nothing else competes for the CPUs."""
+    loader = make_loader()
+    epochs = (batch for _ in iter(int, 1) for batch in loader)  # epoch after epoch
     for _ in range(WARMUP_BATCHES):
-        next(iterator)
-    return iterator
-
-
-def samples_per_second(batches: Iterator[dict[str, Any]], count: int, prefetched: int) -> float:
-    """Throughput of a loader over ``count`` batches, after the ``prefetched`` ones its workers made
-    while other loaders were timed (those would come for free)."""
-    for _ in range(prefetched):
-        next(batches)
+        next(epochs)
     start, samples = time.perf_counter(), 0
     for _ in range(count):
-        samples += len(next(batches)["expression"])
-    return samples / (time.perf_counter() - start)
+        samples += len(next(epochs)["expression"])
+    rate = samples / (time.perf_counter() - start)
+    epochs.close()
+    del epochs, loader  # shuts the (persistent) workers down
+    gc.collect()
+    return rate
 
 
 class TrainingSteps:
@@ -209,35 +202,38 @@ class TrainingSteps:
 
 
 def measure(args: argparse.Namespace, root: Path) -> tuple[dict[str, float], Any]:
-    """Median samples/s of (a), (a'), (b) and (c) over ``args.rounds`` interleaved rounds, so a change in
-    the machine's load during the run weighs on all of them alike."""
+    """Median samples/s of (a), (a'), (b) and (c) over ``args.rounds`` interleaved rounds (a change in the
+    machine's load weighs on all alike), each measured with no other loader's workers alive."""
     cfg = compose_config([*OVERRIDES, f"paths.data_dir={root / 'resized'}"], EXPERIMENTS_DIR)
     parts = build_components(cfg)
     datamodule = parts.datamodule
-    loaders = {
+    shard_modules = {
         name: build_datamodule(
             compose_config([*OVERRIDES, f"paths.data_dir={root / name}"], EXPERIMENTS_DIR),
             parts.tokenizer,
             parts.model,
-        ).train_dataloader()
+        )
         for name in ("resized", "720p")
     }
-    loaders["sa2va"] = DataLoader(
-        Sa2VAStyleMeViS(root / "mevis", datamodule.train_encoder),
+    factories: dict[str, Callable[[], DataLoader]] = {
+        name: module.train_dataloader for name, module in shard_modules.items()
+    }
+    sa2va = Sa2VAStyleMeViS(root / "mevis", datamodule.train_encoder)
+    factories["sa2va"] = lambda: DataLoader(
+        sa2va,
         batch_size=datamodule.batch_size,
         shuffle=True,
         num_workers=datamodule.num_workers,
         collate_fn=lambda samples: collate_clips(samples, parts.tokenizer.pad_token_id),
         persistent_workers=datamodule.num_workers > 0,
     )
-    streams = {name: endless(loader) for name, loader in loaders.items()}
-    training = TrainingSteps(parts, [next(streams["resized"]) for _ in range(WARMUP_BATCHES + args.steps)])
-    rates: dict[str, list[float]] = {name: [] for name in (*streams, "training")}
-    per_round = max(1, args.batches // args.rounds)
-    prefetched = PREFETCH_FACTOR * datamodule.num_workers
+    fixed = list(itertools.islice(datamodule.train_dataloader(), WARMUP_BATCHES + args.steps))
+    gc.collect()
+    training = TrainingSteps(parts, fixed)
+    rates: dict[str, list[float]] = {name: [] for name in (*factories, "training")}
     for _ in range(args.rounds):
-        for name, stream in streams.items():
-            rates[name].append(samples_per_second(stream, per_round, prefetched))
+        for name, factory in factories.items():
+            rates[name].append(loader_rate(factory, max(1, args.batches // args.rounds)))
         rates["training"].append(training.samples_per_second(max(1, args.steps // args.rounds)))
     return {name: float(np.median(values)) for name, values in rates.items()}, datamodule
 

@@ -13,7 +13,7 @@ EXAMPLES = """examples:
   desa2va eval outputs/.../checkpoints/last.ckpt stage=decoupled_finetune --split test
   desa2va pretrain-tiny --out outputs/foundations/tiny
   desa2va shards synthetic --out data/shapes --videos 480
-  desa2va shards build --format mevis --root data/raw/mevis --split train --out data/mevis
+  desa2va shards build --format mevis --root data/raw/mevis --split valid_u --as val --out data/mevis
 
 Every subcommand's --help lists its options and the config groups with their variants."""
 

@@ -10,7 +10,9 @@ from lightning_desa2va.cli.help import HelpFormatter
 from lightning_desa2va.data.converters import DEFAULT_VIDEOS_PER_SHARD, FORMATS
 
 SPLIT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
-BUILD_EXAMPLE = "desa2va shards build --format mevis --root data/raw/mevis --split train --out data/mevis"
+BUILD_EXAMPLE = (
+    "desa2va shards build --format mevis --root data/raw/mevis --split valid_u --as val --out data/mevis"
+)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -46,6 +48,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--root", type=Path, required=True, help="the dataset's folder")
     build.add_argument("--split", required=True, help="e.g. train, valid_u; RefCOCO: train, val, testA ...")
     build.add_argument("--out", type=Path, required=True, help="folder for the shards and manifest.json")
+    build.add_argument("--as", dest="out_split", default=None, help="split name to write (train, val, test)")
     build.add_argument("--workers", type=_positive, default=1, help="processes converting videos")
     build.add_argument("--max-size", type=_positive, default=None, help="frames' longer side at most (px)")
     build.add_argument("--videos-per-shard", type=_positive, default=DEFAULT_VIDEOS_PER_SHARD)
@@ -83,8 +86,10 @@ def _shards_build(args: argparse.Namespace) -> None:
         videos_per_shard=args.videos_per_shard,
         refs=args.refs,
         images=args.images,
+        out_split=args.out_split,
     )
     rows = {"videos": report.videos, "expressions": report.expressions, "frames": report.frames}
     rows |= {f"skipped: {reason}": count for reason, count in report.skipped.items() if count}
     rows["overlapping mask pixels"] = report.overlapping_pixels
-    print_counts(f"{args.format} {args.split} -> {args.out} ({len(report.shards)} shards)", rows)
+    written = f"{args.out}/{report.split}-*.tar ({len(report.shards)} shards)"
+    print_counts(f"{args.format} {args.split} -> {written}", rows)

@@ -118,6 +118,8 @@ def test_refcoco_images_become_one_frame_videos(tmp_path: Path) -> None:
     truth = write_refcoco(tmp_path / "data")
     for split in ("train", "val"):
         build_shards("refcoco", tmp_path / "data" / "refcoco", split, tmp_path / "out")
+    build_shards("refcoco", tmp_path / "data" / "refcoco", "val", tmp_path / "out", out_split="test")
+    assert shard_samples(tmp_path / "out", "test").keys() == shard_samples(tmp_path / "out", "val").keys()
     train, val = shard_samples(tmp_path / "out", "train"), shard_samples(tmp_path / "out", "val")
     in_val = {str(a) for a in REFCOCO_VAL_ANNS}
     for samples, wanted in ((train, False), (val, True)):
@@ -136,7 +138,8 @@ def test_refcoco_images_become_one_frame_videos(tmp_path: Path) -> None:
         "bike in the corner": "person",
     }
     assert val["COCO_train2014_000000000002"].original_size == (30, 20)
-    assert set(read_manifest(tmp_path / "out")["splits"]) == {"train", "val"}
+    splits = read_manifest(tmp_path / "out")["splits"]
+    assert set(splits) == {"train", "val", "test"} and splits["test"]["source_split"] == "val"
 
 
 def test_max_size_resizes_frames_and_keeps_masks_at_both_sizes(tmp_path: Path) -> None:
@@ -246,13 +249,13 @@ def test_cli_builds_shards_and_prints_the_count(tmp_path: Path, capsys: pytest.C
     write_mevis(tmp_path / "mevis")
     out = tmp_path / "out"
     main(["shards", "build", "--format", "mevis", "--root", str(tmp_path / "mevis"), "--split", "train",
-          "--out", str(out), "--workers", "1", "--max-size", "32"])  # fmt: skip
+          "--as", "val", "--out", str(out), "--workers", "1", "--max-size", "32"])  # fmt: skip
     printed = capsys.readouterr().out
     assert "videos" in printed and "expressions" in printed and "frames" in printed
     assert re.search(r"\|\s*videos\s*\|\s*2\s*\|", printed) and re.search(
         r"\|\s*frames\s*\|\s*7\s*\|", printed
     )
-    assert shard_samples(out, "train")["vid_a"].size == (19, 32)
+    assert shard_samples(out, "val")["vid_a"].size == (19, 32)  # written as the split the DataModule reads
     with pytest.raises(SystemExit) as exit_info:
         main(["shards", "build", "--format", "mevis", "--root", str(tmp_path / "nowhere"), "--split", "train",
               "--out", str(out)])  # fmt: skip

@@ -28,10 +28,12 @@ def build_shards(
     videos_per_shard: int = DEFAULT_VIDEOS_PER_SHARD,
     refs: str | None = None,
     images: Path | None = None,
+    out_split: str | None = None,
 ) -> ConversionReport:
-    """Convert one split of a dataset at ``root`` into ``out/{split}-%06d.tar`` and record it in
-    ``out/manifest.json``; ``max_size`` scales frames whose longer side exceeds it (masks are kept at the
-    original size too). ``refs``/``images``: RefCOCO's refs file and image folder when not the defaults."""
+    """Convert one split of a dataset at ``root`` into ``out/{out_split}-%06d.tar`` (``out_split`` default:
+    ``split``; the DataModule reads ``train``, ``val`` and ``test``) and record it in ``out/manifest.json``;
+    ``max_size`` scales frames whose longer side exceeds it (masks are kept at the original size too).
+    ``refs``/``images``: RefCOCO's refs file and image folder when not the defaults."""
     if fmt not in DATASET_TYPES:
         raise ValueError(f"unknown format {fmt!r}; known: {FORMATS}")
     root, out = Path(root), Path(out)
@@ -39,7 +41,7 @@ def build_shards(
         raise FileNotFoundError(f"no dataset folder at {root}")
     kind = DATASET_TYPES[fmt]
     origin = f"{fmt}/{split}"
-    report = ConversionReport(fmt, split, out)
+    report = ConversionReport(fmt, out_split or split, out, source_split=split)
     if fmt in ("mevis", "revos"):
         work, fn = mevis.tasks(fmt, root, split, kind, max_size, origin), mevis.convert_video
     elif fmt in ("refytvos", "davis17"):

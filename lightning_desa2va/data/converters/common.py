@@ -62,7 +62,10 @@ class ConversionReport:
 
     format: str
     split: str
+    """The split written (``{split}-%06d.tar``)."""
     out: Path
+    source_split: str = ""
+    """The dataset's split it was converted from."""
     videos: int = 0
     expressions: int = 0
     frames: int = 0
@@ -221,6 +224,11 @@ def convert(
         stats.num_expressions,
         stats.num_frames,
     )
-    entry = stats.entry(report.shards, skipped=report.skipped, overlapping_pixels=report.overlapping_pixels)
+    entry = stats.entry(
+        report.shards,
+        source_split=report.source_split,
+        skipped=report.skipped,
+        overlapping_pixels=report.overlapping_pixels,
+    )
     update_manifest(report.out, source, report.split, entry)
     return report
