@@ -168,14 +168,15 @@ class RefVOSDataModule(pl.LightningDataModule):
         sources = [
             self._expressions(
                 wds.DataPipeline(
-                    wds.ResampledShards(urls[entry.data_dir], seed=self.seed, deterministic=True),
+                    # each data set drawn by its own stream (seeded apart), each rank and worker too
+                    wds.ResampledShards(urls[entry.data_dir], seed=self.seed + index, deterministic=True),
                     verified(handler),
                     wds.tarfile_to_samples(handler=handler),
                 ),
                 handler,
                 shuffle=True,
             )
-            for entry in self.train_mix
+            for index, entry in enumerate(self.train_mix)
         ]
         mixed = wds.DataPipeline(
             wds.RandomMix(sources, [entry.weight for entry in self.train_mix]),
