@@ -1,7 +1,8 @@
-"""Training-step cost of DeSa2VA's decoupling, side by side with the Sa2VA baseline, in one run.
+"""Training-step cost of DeSa2VA's decoupling, side by side with the Sa2VA control, in one run.
 
-Both variants train stage 2 on the same fixed batches of the synthetic benchmark; the figure that matters
-is the ratio (decoupled / baseline), which holds across machines better than seconds do.
+Both variants train stage 2 on the same fixed batches of the synthetic benchmark, both with the motion prompt
+(the project's addition, on in both arms); the figure that matters is the ratio (decoupled / control), which
+holds across machines better than seconds do.
 
     .venv/bin/python benchmarks/step_time.py [--data-dir data/shapes] [--steps 10] [--batch-size 8]
 """
@@ -21,8 +22,8 @@ from lightning_desa2va.build import build_components
 from lightning_desa2va.config import compose_config
 
 VARIANTS = {
-    "Sa2VA baseline (decoupler=none, fusion=visual)": ["experiment=sa2va_baseline"],
-    "DeSa2VA (linear decoupler, dynamic fusion, motion prompt)": ["experiment=desa2va_tiny"],
+    "Sa2VA control (decoupler=none, fusion=visual, one decode a frame)": ["experiment=sa2va_baseline"],
+    "DeSa2VA (linear_ortho decoupler, dynamic fusion, text + visual decodes)": ["experiment=desa2va_tiny"],
 }
 WARMUP_STEPS = 2
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"

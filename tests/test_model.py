@@ -46,7 +46,6 @@ def test_forward_gives_every_mask_per_frame(model, batch) -> None:
     assert out.gate is not None and out.gate.shape == (B, T, size, size)
     assert ((out.gate >= 0) & (out.gate <= 1)).all()
     assert out.lm_loss is not None and out.lm_loss.ndim == 0 and torch.isfinite(out.lm_loss)
-    assert out.text_points.shape == (B, T, model.text_prompt.num_points, 2)
     assert out.text_heatmap is None  # regressed points are not read from a heatmap
 
 
@@ -60,7 +59,9 @@ def test_segment_text_gives_text_masks_and_points_inside_the_image(model, batch)
     assert logits.shape == (B, T, size, size)
     assert segmentation.image_embeddings.shape[0] == B * T
     assert prompt.tokens.shape == (B * T, model.text_prompt.num_points, model.sam.prompt_dim)
-    assert ((prompt.points >= 0) & (prompt.points <= size)).all()
+    coordinates = model.text_prompt.coordinates(10 * torch.randn(B * T, model.sam.prompt_dim), size)
+    assert coordinates.shape == (B * T, model.text_prompt.num_points, 2)
+    assert ((coordinates >= 0) & (coordinates <= size)).all()
 
 
 def test_the_expression_changes_the_masks(model, batch, make_batch) -> None:
@@ -229,7 +230,6 @@ def fake_output(target: torch.Tensor, lm_loss: torch.Tensor | None = None) -> De
         embeddings=embeddings,
         gate=None,
         lm_loss=lm_loss,
-        text_points=None,
         text_heatmap=None,
         image_embeddings=torch.zeros(target.shape[0] * target.shape[1], 4, 2, 2),
     )

@@ -24,8 +24,10 @@ def test_grounded_points_come_with_a_heatmap_per_frame_and_lie_inside_the_image(
     cells = tuple(2 * side for side in grounded.sam.sam_prompt_encoder.image_embedding_size)  # stride 8
     size = grounded.sam.image_size
     assert out.text_heatmap.shape == (B, T, 2, *cells)
-    assert out.text_points.shape == (B, T, 2, 2)
-    assert ((out.text_points >= 0) & (out.text_points <= size)).all()
+    centres = GroundedPointTextPrompt.cell_centres(*cells, image_size=size, device=torch.device("cpu"))
+    points = GroundedPointTextPrompt.click_positions(out.text_heatmap.flatten(-2), centres)
+    assert points.shape == (B, T, 2, 2)
+    assert ((points >= 0) & (points <= size)).all()
 
 
 def test_the_click_is_the_best_cell_centre_not_the_mean_between_two_peaks() -> None:

@@ -55,7 +55,6 @@ class DeSa2VAOutput:
     embeddings: SegEmbeddings
     gate: Tensor | None  # [B, T, H, W] the fusion's weight on the text mask, when it has one
     lm_loss: Tensor | None
-    text_points: Tensor | None  # [B, T, K, 2] in pixels
     text_heatmap: Tensor | None  # [B, T, K, h, w] logits, for prompts found on the frame
     image_embeddings: Tensor  # [B·T, C, h, w] what the mask decoder attended to, motion cue included
     stated_motion: StatedMotion | None = None  # what the motion prompt read from z_t (if it has one)
@@ -193,7 +192,6 @@ class DeSa2VA(nn.Module):
             embeddings=embeddings,
             gate=of_clips(fused and fused.gate, channel=True),
             lm_loss=vlm_out.lm_loss,
-            text_points=of_clips(prompt and prompt.points, channel=False),
             text_heatmap=of_clips(prompt and prompt.heatmap_logits, channel=False),
             image_embeddings=features.image_embeddings,
             stated_motion=motion.stated,

@@ -22,11 +22,10 @@ from lightning_desa2va.models.sam2 import FrameFeatures, LanguagePromptedSAM2
 
 @dataclass
 class TextPrompt:
-    """Sparse prompt tokens [N, K, C], the points in pixels [N, K, 2] and, for grounded points, the
-    heatmap logits [N, K, h, w] they were read from (one row per frame)."""
+    """Sparse prompt tokens [N, K, C] and, for grounded points, the heatmap logits [N, K, h, w] the points
+    were read from (one row per frame)."""
 
     tokens: Tensor
-    points: Tensor | None = None
     heatmap_logits: Tensor | None = None
 
 
@@ -76,11 +75,13 @@ class PointTextPrompt(TextPromptHead):
     def forward(self, z_text: Tensor, sam: LanguagePromptedSAM2, features: FrameFeatures) -> TextPrompt:
         """Points from z_t alone: the frame's ``features`` are not looked at."""
         batch = z_text.shape[0]
-        coords = torch.sigmoid(self.to_coords(z_text)).view(batch, self.num_points, 2) * sam.image_size
+        coords = self.coordinates(z_text, sam.image_size)
         content = self.to_content(z_text).view(batch, self.num_points, -1)
-        return TextPrompt(
-            tokens=sam.embed_points(coords, self.positive_labels(coords)) + content, points=coords
-        )
+        return TextPrompt(tokens=sam.embed_points(coords, self.positive_labels(coords)) + content)
+
+    def coordinates(self, z_text: Tensor, image_size: int) -> Tensor:
+        """The K points [N, K, 2] in pixels, x = σ(W z_t + b) · image size: always inside the frame."""
+        return torch.sigmoid(self.to_coords(z_text)).view(z_text.shape[0], self.num_points, 2) * image_size
 
 
 class GroundedPointTextPrompt(TextPromptHead):
@@ -125,7 +126,7 @@ class GroundedPointTextPrompt(TextPromptHead):
         )
         content = self.to_content(z_text).view(z_text.shape[0], self.num_points, -1)
         tokens = sam.embed_points(coords, self.positive_labels(coords)) + content
-        return TextPrompt(tokens=tokens, points=coords, heatmap_logits=heatmap)
+        return TextPrompt(tokens=tokens, heatmap_logits=heatmap)
 
     @staticmethod
     def click_positions(heatmap: Tensor, centres: Tensor) -> Tensor:
