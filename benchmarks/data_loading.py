@@ -15,7 +15,7 @@ The benchmark writes its own MeViS-layout dataset into a temporary folder (720p 
 
 The figures that matter are the ratios a / b and a / c, which hold across machines better than samples/s.
 
-    .venv/bin/python benchmarks/data_loading.py [--videos 20] [--frames 30 80] [--max-size 256] [--rounds 3]
+    .venv/bin/python benchmarks/data_loading.py [--videos 20] [--frames 30 80] [--max-size 256] [--rounds 5]
 
 Rates are medians over interleaved rounds (a change in the machine's load weighs on all alike); the title
 gives the load average, which on a shared machine says how far the absolute figures are from an idle one.
@@ -246,8 +246,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, nargs=2, default=(30, 80), help="frames per video, min max")
     parser.add_argument("--max-size", type=int, default=256, help="frames' longer side in the shards of (a)")
     parser.add_argument("--batches", type=int, default=30, help="timed batches of (a), (a') and (b)")
-    parser.add_argument("--steps", type=int, default=9, help="timed training steps of (c)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    parser.add_argument("--steps", type=int, default=15, help="timed training steps of (c)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are reported")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
