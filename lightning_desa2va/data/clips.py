@@ -63,6 +63,15 @@ def resize_ids(ids: np.ndarray, size: int) -> np.ndarray:
     return ids[:, rows[:, None], cols[None, :]]
 
 
+def targets(instances: Tensor, object_ids: list[int]) -> Tensor:
+    """Where any of the objects is: the union of their id maps (``torch.isin``, a few times faster for the
+    one or two objects an expression names)."""
+    union = torch.zeros_like(instances, dtype=torch.bool)
+    for object_id in object_ids:
+        union |= instances == object_id
+    return union
+
+
 def stated_motion(expression: Expression) -> Tensor:
     """(x, y, stated) of the motion an expression states, the motion prompt's target: its unit direction
     (zero for "still") and 1, or zeros when it states none; NaN where the data has no structured referent
@@ -117,9 +126,11 @@ class ClipEncoder:
         index = frame_indices(video.num_frames, self.num_frames, self.sampling).tolist()
         frames = np.stack([video.frame(i, self.decode_size) for i in index])
         rgb = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
+        sam_rgb = self._resize(rgb, self.sam_image_size)
+        # the (usually smaller) VLM input from the SAM-2 one: one resize of the full frame, not two
+        vlm_source = sam_rgb if self.vlm_image_size <= self.sam_image_size else rgb
         ids = np.stack([video.mask(i) for i in index])
         instances = torch.from_numpy(resize_ids(ids, self.sam_image_size).astype(np.int64))
-        object_ids = torch.tensor(expression.object_ids, dtype=torch.long)
         chat = self.chat.segmentation(expression.text, len(index), video.qa)
         label_chat = self.chat.label_prompt(expression.label or expression.text)
         expression_chat = self.chat.label_prompt(expression.text)
@@ -127,9 +138,9 @@ class ClipEncoder:
         caption_chat = self.chat.caption_qa(caption, len(index), video.qa)
         questions = [pair.question for pair in video.qa[: self.chat.templates.caption_qa_turns]]
         sample = {
-            "frames": self._normalise(self._resize(rgb, self.sam_image_size)),
-            "vlm_pixels": self._normalise(self._resize(rgb, self.vlm_image_size)),
-            "target_masks": torch.isin(instances, object_ids),
+            "frames": self._normalise(sam_rgb),
+            "vlm_pixels": self._normalise(self._resize(vlm_source, self.vlm_image_size)),
+            "target_masks": targets(instances, expression.object_ids),
             "instance_masks": instances,
             "input_ids": chat.input_ids,
             "labels": chat.labels,

@@ -8,6 +8,7 @@ data set is complete. Bad data is either raised (``on_error="raise"``) or skippe
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -41,13 +42,16 @@ MANIFEST_NAME = "manifest.json"
 SYNTHETIC_GENERATOR = "lightning_desa2va.data.synthetic"
 """``generator`` of a synthetic benchmark's manifest (a data dir the demo may rewrite)."""
 
-TAR_MTIME = 0.0
-"""Fixed member mtime, so the same input writes byte-identical shards."""
+TAR_MTIME = 0
+"""Fixed member mtime, so the same input writes byte-identical shards (an int: a float mtime costs every
+member a PAX header, which doubles the headers a reader parses)."""
 
 ON_ERROR_CHOICES = ("raise", "skip")
 TAR_ERRORS = (tarfile.TarError, OSError, EOFError)
 """What reading a damaged tar raises (webdataset passes them to the handler with the shard's url)."""
 TAR_BLOCK = 512
+TAR_CHECK_CACHE = 65536
+"""Shards whose check :func:`tar_problem` remembers (the scan reads every header once per process)."""
 END_OF_ARCHIVE = 2 * TAR_BLOCK
 """A complete tar ends with two zero blocks after its last member."""
 
@@ -200,13 +204,19 @@ def split_urls(data_dir: Path, split: str) -> list[str]:
 
 
 def tar_problem(path: str) -> str | None:
-    """Why a local tar file is incomplete (``None`` when it is whole), from its headers alone.
+    """Why a local tar file is incomplete (``None`` when it is whole), from its headers alone; the
+    answer is remembered per process while the file's size and mtime stay the same.
 
     Reading a tar cut inside a member raises, but one cut in or right before a member header reads as
     a shorter, complete archive: Python's tarfile stops there silently. The block count and the
     end-of-archive blocks tell the difference.
     """
-    size = os.path.getsize(path)
+    stat = os.stat(path)
+    return _tar_problem(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=TAR_CHECK_CACHE)
+def _tar_problem(path: str, size: int, mtime_ns: int) -> str | None:
     if size % TAR_BLOCK:
         return f"{size} bytes, not a whole number of {TAR_BLOCK}-byte tar blocks: truncated"
     end = 0
