@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from rich.console import Console
 
 log = logging.getLogger(__name__)
 
@@ -22,13 +23,20 @@ LOGGER_VERSION_KEY = "v_num"
 class StepProgressBar(RichProgressBar):
     """Steps done of ``max_steps`` (one bar for the whole run, across epochs) and the logged losses.
 
-    Where output is not a terminal (a log file, CI) a live bar cannot be drawn, so the same figures are
-    logged as ``lines_when_piped`` evenly spaced lines instead.
+    Where output is not a terminal (a log file, CI) a live bar cannot be drawn, so the bar stays off and the
+    same figures are logged as ``lines_when_piped`` evenly spaced lines instead.
     """
 
     def __init__(self, lines_when_piped: int = 10, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.lines_when_piped = lines_when_piped
+        self.piped = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.piped = not Console(**self._console_kwargs).is_terminal
+        if self.piped:
+            self.disable()
 
     @property
     def total_train_batches(self) -> int | float:
@@ -47,7 +55,7 @@ class StepProgressBar(RichProgressBar):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, trainer.global_step - 1)
-        if self._console is not None and not self._console.is_terminal and self._due(trainer):
+        if self.piped and trainer.is_global_zero and self._due(trainer):
             metrics = ", ".join(
                 f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}"
                 for name, value in self.get_metrics(trainer, pl_module).items()

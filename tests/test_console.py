@@ -6,10 +6,14 @@ from __future__ import annotations
 import io
 import logging
 import warnings
+from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
+from lightning_desa2va.callbacks import StepProgressBar
 from lightning_desa2va.cli import build_parser
 from lightning_desa2va.config import config_groups
 from lightning_desa2va.console import TextTable, print_table, quiet_third_party_output
@@ -85,19 +89,10 @@ def test_lightning_adverts_are_dropped_and_other_messages_kept(caplog: pytest.Lo
     assert [str(w.message) for w in caught] == ["something the user can act on"]
 
 
-def test_progress_bar_counts_steps_of_max_steps_across_epochs_and_logs_them_when_piped(
-    make_model, make_batch, build_stage, tmp_path, caplog: pytest.LogCaptureFixture
-) -> None:
-    from lightning_desa2va.callbacks import StepProgressBar
-
+def fit_with_bar(make_model, make_batch, build_stage, root: Path, bar) -> pl.Trainer:
+    """Three steps over a stream of one batch, so every step is a new epoch (Lightning's own bar restarts)."""
     cfg, model = make_model("stage=text_pretrain")
     stage = build_stage(cfg, model)
-    bar = StepProgressBar(lines_when_piped=3, leave=True)
-    batch = make_batch(model, ["red square"])
-    # one batch per epoch: Lightning's own bar would restart at every epoch
-    import lightning.pytorch as pl
-    from torch.utils.data import DataLoader
-
     trainer = pl.Trainer(
         accelerator="cpu",
         max_steps=3,
@@ -107,16 +102,32 @@ def test_progress_bar_counts_steps_of_max_steps_across_epochs_and_logs_them_when
         enable_model_summary=False,
         limit_val_batches=0,
         callbacks=[bar],
-        default_root_dir=tmp_path,
+        default_root_dir=root,
     )
     torch.manual_seed(0)
-    with caplog.at_level(logging.INFO, logger="lightning_desa2va.callbacks"):
-        trainer.fit(stage, DataLoader([batch], batch_size=None))
+    trainer.fit(stage, DataLoader([make_batch(model, ["red square"])], batch_size=None))
+    assert trainer.current_epoch >= 2
+    return trainer
+
+
+def test_on_a_terminal_the_bar_counts_steps_of_max_steps_across_epochs(
+    make_model, make_batch, build_stage, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich then draws as on a terminal
+    bar = StepProgressBar(leave=True)
+    fit_with_bar(make_model, make_batch, build_stage, tmp_path, bar)
     task = bar.progress.tasks[bar.train_progress_bar_id]
     assert (task.completed, task.total) == (3, 3)
     assert task.description.strip().endswith("train steps")
-    assert trainer.current_epoch >= 2
-    # output captured by pytest is no terminal: the bar's figures come as log lines instead
+
+
+def test_piped_the_bar_logs_evenly_spaced_lines_instead(
+    make_model, make_batch, build_stage, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bar = StepProgressBar(lines_when_piped=3)
+    with caplog.at_level(logging.INFO, logger="lightning_desa2va.callbacks"):
+        fit_with_bar(make_model, make_batch, build_stage, tmp_path, bar)  # pytest's capture is no terminal
+    assert bar.progress is None  # no live bar drawn into a file
     lines = [record.getMessage() for record in caplog.records if record.name == "lightning_desa2va.callbacks"]
     assert [line.split(":")[0] for line in lines] == ["train steps 1/3", "train steps 2/3", "train steps 3/3"]
     assert all("train/loss" in line for line in lines)
