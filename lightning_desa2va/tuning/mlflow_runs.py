@@ -1,0 +1,178 @@
+"""A study in MLflow: one parent run per study, a nested run per trial, the stage runs nested under it.
+
+MLflow nests a run under another by the ``mlflow.parentRunId`` tag, so the stage runs that
+:func:`~lightning_desa2va.pipeline.run_pipeline` starts are nested by passing that tag among its ``tags``:
+the pipeline needs no change. A trial's run is an ``MLFlowLogger`` run like the stages' (same params, the
+resolved config, component tags); its status says how the trial ended (FINISHED, KILLED when pruned, FAILED)
+and the ``sweep.state`` tag names Optuna's state.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import optuna
+from lightning.pytorch.loggers import MLFlowLogger
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from omegaconf import DictConfig, OmegaConf
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from lightning_desa2va.config import save_config
+from lightning_desa2va.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, log_run_config, tag_run
+
+log = logging.getLogger(__name__)
+
+STUDY_TAG = "sweep.study"
+ROLE_TAG = "sweep.role"
+TRIAL_TAG = "sweep.trial"
+STATE_TAG = "sweep.state"
+VARIED_TAG = "sweep.varied"
+CHECKPOINT_TAG = "best_checkpoint"
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+TRIAL_RUN_ATTR = "mlflow_run_id"
+STUDY_ROLE, TRIAL_ROLE = "study", "trial"
+RUN_STATUS = {
+    TrialState.COMPLETE: RunStatus.FINISHED,
+    TrialState.PRUNED: RunStatus.KILLED,
+    TrialState.FAIL: RunStatus.FAILED,
+}
+"""The MLflow run status a trial ends with, by its Optuna state."""
+
+
+class StudyRuns:
+    """The study's MLflow experiment (named after the study) and the runs in it."""
+
+    def __init__(self, tracking_uri: str, study_name: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.study_name = study_name
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        experiment = self.client.get_experiment_by_name(study_name)
+        self.experiment_id = (
+            experiment.experiment_id if experiment else self.client.create_experiment(study_name)
+        )
+        self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+
+    def open_parent(self, study: optuna.Study, params: dict[str, Any]) -> str:
+        """The study's parent run: created on the first start, continued when the study resumes."""
+        run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+        if run_id is not None:
+            self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            return run_id
+        tags = {STUDY_TAG: self.study_name, ROLE_TAG: STUDY_ROLE}
+        run = self.client.create_run(self.experiment_id, run_name=f"study {self.study_name}", tags=tags)
+        for key, value in params.items():
+            self.client.log_param(run.info.run_id, key, value)
+        study.set_user_attr(PARENT_RUN_ATTR, run.info.run_id)
+        return run.info.run_id
+
+    def start_trial(
+        self, parent_id: str, number: int, name: str, values: dict[str, Any], cfg: DictConfig
+    ) -> MLFlowLogger:
+        """The trial's nested run: its flattened config as params, resolved config, varied values as tags."""
+        tags = {
+            MLFLOW_PARENT_RUN_ID: parent_id,
+            STUDY_TAG: self.study_name,
+            ROLE_TAG: TRIAL_ROLE,
+            TRIAL_TAG: str(number),
+            STATE_TAG: TrialState.RUNNING.name,
+            VARIED_TAG: ",".join(values),
+            **{key: str(value) for key, value in values.items()},
+        }
+        logger = MLFlowLogger(
+            experiment_name=self.study_name, tracking_uri=self.tracking_uri, run_name=name, tags=tags
+        )
+        with tempfile.TemporaryDirectory() as folder:
+            log_run_config(logger, cfg, save_config(cfg, Path(folder) / "config.yaml"))
+        tag_run(logger, cfg)
+        for key, value in values.items():  # tag_run tags each group's choice; a sampled value wins
+            self.client.set_tag(logger.run_id, key, str(value))
+        return logger
+
+    def log_intermediate(self, run_id: str, metric: str, value: float, step: int) -> None:
+        self.client.log_metric(run_id, metric, value, step=step)
+
+    def end_trial(
+        self, run_id: str, state: TrialState, metrics: dict[str, float], checkpoint: Path | None = None
+    ) -> None:
+        """Final metrics and checkpoint path, then the run's status (and its stage runs') from the state."""
+        for key, value in metrics.items():
+            self.client.log_metric(run_id, key, value)
+        if checkpoint is not None:
+            self.client.set_tag(run_id, CHECKPOINT_TAG, str(checkpoint))
+        self.mark(run_id, state)
+
+    def mark(self, run_id: str, state: TrialState) -> None:
+        """Set the trial run's state tag and status, and end its stage runs with the same status."""
+        status = RunStatus.to_string(RUN_STATUS[state])
+        self.client.set_tag(run_id, STATE_TAG, state.name)
+        children = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.{MLFLOW_PARENT_RUN_ID} = '{run_id}'"
+        )
+        for child in children:
+            if child.info.status != RunStatus.to_string(RunStatus.FINISHED):
+                self.client.set_terminated(child.info.run_id, status)
+        self.client.set_terminated(run_id, status)
+
+    def log_summary(
+        self, parent_id: str, study: optuna.Study, figures: list[Path], files: list[Path]
+    ) -> None:
+        """Counts, the best trial (value, params, run) and the study's plots and files on the parent run."""
+        trials = study.get_trials(deepcopy=False)
+        for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
+            count = sum(trial.state == state for trial in trials)
+            self.client.log_metric(parent_id, f"trials_{state.name.lower()}", count)
+        best = best_trial(study)
+        if best is not None:
+            self.client.log_metric(parent_id, "best_value", float(best.value))
+            self.client.set_tag(parent_id, "best_trial", str(best.number))
+            self.client.set_tag(parent_id, "best_run_id", str(best.user_attrs.get(TRIAL_RUN_ATTR)))
+            for key, value in best.params.items():
+                self.client.log_param(parent_id, f"best/{key}", value)
+        for path in figures:
+            self.client.log_artifact(parent_id, str(path), "plots")
+        for path in files:
+            self.client.log_artifact(parent_id, str(path))
+
+    def finish_parent(self, parent_id: str) -> None:
+        self.client.set_terminated(parent_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The best complete trial, or None before any completed."""
+    if not any(trial.state == TrialState.COMPLETE for trial in study.get_trials(deepcopy=False)):
+        return None
+    return study.best_trial
+
+
+class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of a trial whose process died (no heartbeat), which also ends its MLflow run as FAILED
+    so that MLflow, like Optuna, shows the dead trial failed and its retry as a trial of its own."""
+
+    def __init__(self, tracking_uri: str, study_name: str, max_retry: int = 1) -> None:
+        super().__init__(max_retry=max_retry)
+        self.tracking_uri = tracking_uri
+        self.study_name = study_name
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        run_id = trial.user_attrs.get(TRIAL_RUN_ATTR)
+        if run_id is not None:
+            StudyRuns(self.tracking_uri, self.study_name).mark(run_id, TrialState.FAIL)
+            log.warning("trial %d died while running (MLflow run %s): marked failed", trial.number, run_id)
+        super().__call__(study, trial)
+
+
+def flat_spec(spec: Any) -> dict[str, Any]:
+    """The spec as parent-run params (sampler, pruner, metric, ...), the space as one YAML param."""
+    container = OmegaConf.to_container(OmegaConf.structured(spec), resolve=True, enum_to_str=True)
+    container.pop("profiles", None)
+    space = container.pop("space")
+    params = {key: value for key, value in container.items() if not isinstance(value, dict | list)}
+    params["space"] = OmegaConf.to_yaml(space)
+    params["overrides"] = " ".join(container["overrides"])
+    return params
