@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 MLFLOW_URI ?= sqlite:///mlflow.db
 ARGS ?=
 
-.PHONY: install test lint format demo pretrain-tiny ui clean-outputs
+.PHONY: install test lint format demo pretrain-tiny sweep ablate-decoupler ablate-fusion ablate-loss ui clean-outputs
 
 install: $(STAMP)
 
@@ -42,6 +42,18 @@ demo: install
 OUT ?= outputs/foundations/tiny
 pretrain-tiny: install
 	$(BIN)/desa2va pretrain-tiny --out $(OUT) $(ARGS)
+
+# An Optuna study over the pipeline (run again to resume it); WORKERS processes share its storage.
+SWEEP ?= sweeps/decoupler_fusion.yaml
+WORKERS ?= 1
+sweep: install
+	$(BIN)/desa2va sweep $(SWEEP) --workers $(WORKERS) $(ARGS)
+
+# Ablations: grid studies printing mean ± std on test per variant, the Sa2VA control a row (sweeps/ablate_*.yaml);
+# ABLATE_PROFILE=quick runs the short version.
+ABLATE_PROFILE ?= default
+ablate-decoupler ablate-fusion ablate-loss: ablate-%: install
+	$(BIN)/desa2va sweep sweeps/ablate_$*.yaml --profile $(ABLATE_PROFILE) --workers $(WORKERS) $(ARGS)
 
 ui: install
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_URI) --host 127.0.0.1 --port 5000
