@@ -9,6 +9,8 @@ over its seeds); the test scores are kept beside it for the ablation table, neve
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +46,7 @@ VAL_ATTR = "val"  # per seed: the last stage's final validation metrics
 STEPS_ATTR = "steps"  # training steps the trial spent (up to where it was pruned)
 SECONDS_ATTR = "seconds"  # wall time of the trial
 NAME_ATTR = "run_name"
+WORKER_ATTR = "worker"  # host:pid of the process that ran the trial
 Report = Callable[[int, float], None]
 
 
@@ -119,6 +122,7 @@ class TrialObjective:
         run_id = logger.run_id
         trial.set_user_attr(TRIAL_RUN_ATTR, run_id)
         trial.set_user_attr(NAME_ATTR, name)
+        trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
         log.info("trial %d: %s (MLflow run %s)", trial.number, name, run_id)
         started = time.monotonic()
         progress = _Steps()

@@ -113,7 +113,8 @@ def load_spec(path: Path, profile: str = DEFAULT_PROFILE) -> SweepSpec:
     try:
         spec: SweepSpec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SweepSpec), raw))
     except OmegaConfBaseException as error:
-        raise SweepSpecError(f"sweep spec {path}: field '{error.full_key}': {error.msg}") from error
+        message = str(error.msg).splitlines()[0]  # the lines after repeat the key and the dataclass
+        raise SweepSpecError(f"sweep spec {path}: field '{error.full_key}': {message}") from error
     check_spec(spec, path)
     return spec
 
@@ -164,6 +165,11 @@ def check_spec(spec: SweepSpec, path: Path) -> None:
         fail("baseline", f"'{spec.baseline}' is not a choice of any parameter")
     if spec.heartbeat_interval < 1 or spec.grace_period <= spec.heartbeat_interval:
         fail("grace_period", "must exceed heartbeat_interval (both in seconds, >= 1)")
+
+
+def one_line(error: Exception) -> str:
+    """An error's message on one line (Hydra's end with advice on lines of their own)."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 def grid_values(spec: SweepSpec) -> dict[str, list[Any]]:

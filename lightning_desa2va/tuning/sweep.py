@@ -31,6 +31,7 @@ from lightning_desa2va.tuning.spec import (
     candidate_overrides,
     merge_overrides,
     number_of_trials,
+    one_line,
 )
 from lightning_desa2va.tuning.study import (
     StudyProgress,
@@ -85,7 +86,9 @@ def check_trial_configs(spec: SweepSpec, overrides: list[str], experiments_dir: 
         try:
             compose_config(merge_overrides(overrides, extra), experiments_dir)
         except (HydraException, ConfigError) as error:
-            raise SweepSpecError(f"sweep spec field '{field_name}' ({' '.join(extra)}): {error}") from error
+            raise SweepSpecError(
+                f"sweep spec field '{field_name}' ({' '.join(extra)}): {one_line(error)}"
+            ) from error
 
 
 def run_sweep(

@@ -1,0 +1,97 @@
+"""What the sweep tests share: a tiny spec (one stage, a few steps, a handful of videos), the sweep command
+as a process of its own, and the study read back from Optuna and MLflow."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import yaml
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO_ROOT / "experiments"
+TINY = [
+    "pipeline.stages=[decoupled_finetune]",
+    "synthetic.videos={train:4,val:2,test:2}",
+    "synthetic.videos_per_shard=4",
+    "+synthetic.generator.num_frames=4",
+    "trainer.max_steps=2",
+    "trainer.val_check_interval=2",
+    "trainer.log_every_n_steps=1",
+    "data.batch_size=2",
+    "data.eval_batch_size=2",
+    "data.num_workers=0",
+    "data.shuffle_buffer=4",
+    "stage.num_overlays=0",
+    "logger.log_model=false",
+]
+
+
+def write_spec(folder: Path, name: str, space: dict, **fields: object) -> Path:
+    """A sweep spec over the tiny run; fast heartbeats so a dead trial is found stale within seconds."""
+    spec = {
+        "name": name,
+        "experiment": "desa2va_tiny",
+        "overrides": TINY,
+        "space": space,
+        "sampler": "grid",
+        "pruner": "none",
+        "heartbeat_interval": 1,
+        "grace_period": 3,
+        **fields,
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def tracking_uri(root: Path) -> str:
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def sweep_command(root: Path, spec: Path, *options: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "lightning_desa2va.cli",
+        "--experiments-dir",
+        str(EXPERIMENTS),
+        "sweep",
+        str(spec),
+        f"logger.tracking_uri={tracking_uri(root)}",
+        *options,
+    ]
+
+
+def start_sweep(root: Path, spec: Path, *options: str) -> subprocess.Popen:
+    """``desa2va sweep`` as its own process in ``root`` (its log in ``root/sweep.log``)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = (root / "sweep.log").open("a")
+    return subprocess.Popen(
+        sweep_command(root, spec, *options), cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+
+
+def run_sweep_process(root: Path, spec: Path, *options: str, timeout: float = 600) -> None:
+    process = start_sweep(root, spec, *options)
+    assert process.wait(timeout=timeout) == 0, (root / "sweep.log").read_text()[-3000:]
+
+
+def load_study(root: Path, name: str) -> optuna.Study:
+    return optuna.load_study(
+        study_name=name, storage=f"sqlite:///{root / 'outputs/sweeps' / name / 'optuna.db'}"
+    )
+
+
+def mlflow_runs(root: Path, study: str, role: str | None = None) -> list[Run]:
+    """The study's MLflow runs (every one, or those of a role: ``study``, ``trial``)."""
+    client = MlflowClient(tracking_uri=tracking_uri(root))
+    experiment = client.get_experiment_by_name(study)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    return [run for run in runs if role is None or run.data.tags.get("sweep.role") == role]
