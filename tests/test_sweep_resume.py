@@ -4,13 +4,31 @@ re-queued."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
+from contextlib import closing
+from pathlib import Path
 
 from optuna.trial import TrialState
 from sweep_runs import load_study, mlflow_runs, run_sweep_process, start_sweep, write_spec
 
-POLL_S = 1.0
+POLL_S = 0.5
 WAIT_S = 600
+RUNNING_WITH_RUN = """
+    SELECT 1 FROM trials JOIN trial_user_attributes USING (trial_id)
+    WHERE trials.number = 1 AND trials.state = 'RUNNING' AND trial_user_attributes.key = 'mlflow_run_id'
+"""
+
+
+def second_trial_started(storage: Path) -> bool:
+    """Whether trial 1 runs and has its MLflow run (read from the SQLite file: quick enough to poll)."""
+    if not storage.exists():
+        return False
+    with closing(sqlite3.connect(storage, timeout=POLL_S)) as connection:
+        try:
+            return connection.execute(RUNNING_WITH_RUN).fetchone() is not None
+        except sqlite3.OperationalError:  # tables not created yet, or locked by a write
+            return False
 
 
 def test_a_sweep_killed_mid_trial_resumes_to_exactly_its_trials(tmp_path):
@@ -18,19 +36,12 @@ def test_a_sweep_killed_mid_trial_resumes_to_exactly_its_trials(tmp_path):
     spec = write_spec(tmp_path, "resume", space)
     process = start_sweep(tmp_path, spec)
     deadline = time.monotonic() + WAIT_S
-    while True:  # kill it once the second trial has started training (its stage run exists in MLflow)
+    storage = tmp_path / "outputs/sweeps/resume/optuna.db"
+    while not second_trial_started(storage):  # then kill it in the middle of that trial
         assert process.poll() is None, "the sweep ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(POLL_S)
-        if (tmp_path / "outputs/sweeps/resume/optuna.db").exists():
-            trials = load_study(tmp_path, "resume").get_trials()
-            if (
-                len(trials) == 2
-                and trials[1].state == TrialState.RUNNING
-                and "mlflow_run_id" in trials[1].user_attrs
-            ):
-                break
-    time.sleep(2 * POLL_S)
+    time.sleep(POLL_S)
     process.kill()
     process.wait()
 

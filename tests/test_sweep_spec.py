@@ -88,7 +88,7 @@ def test_an_unknown_profile_is_named(tmp_path):
 def test_overrides_of_a_later_group_replace_earlier_ones_and_bundles_expand():
     spec = load_spec(SWEEPS / "ablate_decoupler.yaml", "quick")
     trial = param_overrides(spec, {"decoupler": "sa2va_baseline"})
-    assert trial == ["experiment=sa2va_baseline", "trainer.max_steps=60"]
+    assert trial == ["experiment=sa2va_baseline", "trainer.max_steps=40"]
     merged = merge_overrides(base_overrides(spec, ["trainer.max_steps=5"]), trial)
     assert "experiment=desa2va_tiny" not in merged and "trainer.max_steps=5" not in merged
     assert merged[-2:] == trial

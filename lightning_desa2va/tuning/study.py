@@ -57,7 +57,7 @@ def open_storage(url: str, spec: SweepSpec, tracking_uri: str) -> BaseStorage:
             engine_kwargs=engine,
             heartbeat_interval=spec.heartbeat_interval,
             grace_period=spec.grace_period,
-            failed_trial_callback=RetryStaleTrial(tracking_uri, spec.name),
+            heartbeat_stale_trial_callback=RetryStaleTrial(tracking_uri, spec.name),
         )
 
 
