@@ -12,6 +12,7 @@ EXAMPLES = """examples:
   desa2va train stage=text_pretrain decoupler=orthogonal
   desa2va eval outputs/.../checkpoints/last.ckpt stage=decoupled_finetune --split test
   desa2va pretrain-tiny --out outputs/foundations/tiny
+  desa2va sweep sweeps/ablate_decoupler.yaml --profile quick
   desa2va shards synthetic --out data/shapes --videos 480
   desa2va shards build --format mevis --root data/raw/mevis --split valid_u --as val --out data/mevis
 
