@@ -11,6 +11,7 @@ forcing) and logs the disentanglement diagnostics (:mod:`lightning_desa2va.diagn
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ from lightning_desa2va.stages.checkpoints import load_model_weights
 log = logging.getLogger(__name__)
 
 LORA_PARAMETER_TAG = "lora_"
+TRAINABLE_TOKENS_TAG = "trainable_tokens_delta"
+"""peft's per-token embedding deltas (``trainable_token_indices``): only those rows of the embedding train."""
 SEGMENTATION_ANSWERS = 1
 """Labelled answers before the QA turns in a stage-2 conversation: the ``[SEG]`` answer."""
 
@@ -59,9 +62,14 @@ class DecoupledFinetuneStage(SegmentationStage):
         self.propagate = propagate
         if init_from is not None:
             load_model_weights(model, Path(init_from))
+        extra: tuple[str, ...] = ()
         if lora is not None:
+            extra = (LORA_PARAMETER_TAG,)
+            if model.vlm.trainable_token_ids:  # new tokens ([SEG]) train their input embedding rows alone
+                lora = replace(lora, trainable_token_indices=model.vlm.trainable_token_ids)
+                extra += (TRAINABLE_TOKENS_TAG,)
             inject_adapter_in_model(lora, model.vlm.language_model)
-        self.select_trainable(extra=(LORA_PARAMETER_TAG,) if lora is not None else ())
+        self.select_trainable(extra=extra)
         self.uses_penalty = loss.uses_orth and model.decoupler.has_penalty
         if loss.uses_orth and not model.decoupler.has_penalty:
             log.warning(

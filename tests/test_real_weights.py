@@ -1,0 +1,130 @@
+"""Real-weight recipes end to end on tiny checkpoints saved in the real formats (real_weight_folders.py).
+
+``model=internvl_hf`` reads a transformers ``-hf`` folder (tokenizer, chat template, processor) and an
+official SAM-2 ``.pt``; stage 2 trains LoRA and the new ``[SEG]`` embedding row alone; bad weights fail on
+one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lightning_desa2va.cli import main
+from lightning_desa2va.config import compose_config
+from lightning_desa2va.pipeline import ensure_synthetic_shards, evaluate_checkpoint, train_stage
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
+SMALL_RUN = [
+    "stage=decoupled_finetune",
+    "synthetic.videos={train:2,val:1,test:1}",
+    "trainer.max_steps=2",
+    "trainer.val_check_interval=2",
+    "trainer.log_every_n_steps=1",
+    "data.batch_size=2",
+    "data.eval_batch_size=2",
+    "data.num_workers=0",
+    "data.shuffle_buffer=2",
+    "stage.num_overlays=0",
+]
+EMBEDDING = "model.vlm.model.model.language_model.embed_tokens"
+
+
+@pytest.fixture(scope="module")
+def finetuned(real_weights, tmp_path_factory, in_scratch_folder):
+    """Stage 2 trained 2 steps from the tiny real-format weights, as `desa2va train` runs it."""
+    root = tmp_path_factory.mktemp("finetune")
+    with in_scratch_folder(root) as store:
+        cfg = compose_config([*SMALL_RUN, store, *real_weights.overrides], EXPERIMENTS_DIR)
+        ensure_synthetic_shards(cfg)
+        run = train_stage(cfg, score_test=True)
+        scores, _ = evaluate_checkpoint(cfg, run.checkpoint, "val")
+    state = torch.load(run.checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    return cfg, run, scores, state
+
+
+def test_internvl_hf_folder_trains_stage_two_and_evaluates(finetuned):
+    cfg, run, scores, _ = finetuned
+    assert cfg.run.choices.model == "internvl_hf"
+    for metrics in (run.metrics, run.test_metrics, scores):
+        assert 0.0 <= metrics["JF"] <= 1.0
+    assert scores["JF"] == pytest.approx(run.metrics["JF"])  # the checkpoint reloads into a fresh build
+
+
+def test_only_the_seg_embedding_row_and_lora_train(finetuned, real_weights):
+    cfg, _, _, state = finetuned
+    from lightning_desa2va.models.tokenizer import SEG_TOKEN, load_pretrained_tokenizer
+
+    seg_id = load_pretrained_tokenizer(str(real_weights.vlm_folder)).convert_tokens_to_ids(SEG_TOKEN)
+    saved = load_file(real_weights.vlm_folder / "model.safetensors")[
+        "model.language_model.embed_tokens.weight"
+    ]
+    assert seg_id == saved.shape[0]  # [SEG] is new to the checkpoint: its row was added
+    delta = state[f"{EMBEDDING}.token_adapter.trainable_tokens_delta.default"]
+    original = state[f"{EMBEDDING}.token_adapter.trainable_tokens_original.default"]
+    assert state[f"{EMBEDDING}.token_adapter.token_indices.default"].tolist() == [seg_id]
+    assert not torch.equal(delta, original)  # the [SEG] row moved
+    base = state[f"{EMBEDDING}.token_adapter.base_layer.weight"]
+    assert torch.equal(base[:seg_id], saved)  # every pretrained row is untouched
+    lora_b = [value for key, value in state.items() if "lora_B" in key]
+    assert lora_b and all(value.abs().sum() > 0 for value in lora_b)  # LoRA B starts at 0: it trained
+
+
+def test_missing_vlm_folder_is_one_line(real_weights, capsys):
+    absent = real_weights.weights_dir / "InternVL3-absent-hf"
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "--experiments-dir",
+                str(EXPERIMENTS_DIR),
+                "train",
+                *real_weights.overrides,
+                f"model.folder={absent}",
+            ]
+        )
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert message == f"desa2va: error: VLM folder not found: {absent}"
+
+
+def test_sam2_checkpoint_of_another_size_is_one_line(real_weights, compose, tmp_path, capsys):
+    sam2 = compose().model.sam2
+    wider = [o for o in sam2.overrides if "neck.d_model" not in o] + ["model.image_encoder.neck.d_model=32"]
+    from real_weight_folders import write_sam2_pt
+
+    other = write_sam2_pt(tmp_path / "sam2_other.pt", sam2.config_name, wider)
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "--experiments-dir",
+                str(EXPERIMENTS_DIR),
+                "train",
+                *real_weights.overrides,
+                f"model.sam2.checkpoint={other}",
+            ]
+        )
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message
+    assert message.startswith(f"desa2va: error: SAM-2 checkpoint {other} does not fit the configured model")
+    assert "shapes differ" in message
+
+
+def test_sam2_file_that_is_no_checkpoint_is_one_line(real_weights, tmp_path, capsys):
+    garbage = tmp_path / "sam2_garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "--experiments-dir",
+                str(EXPERIMENTS_DIR),
+                "train",
+                *real_weights.overrides,
+                f"model.sam2.checkpoint={garbage}",
+            ]
+        )
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message
+    assert message.startswith(f"desa2va: error: SAM-2 checkpoint {garbage} cannot be read")
