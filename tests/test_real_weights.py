@@ -15,6 +15,9 @@ from transformers import AutoModelForImageTextToText
 
 from lightning_desa2va.cli import main
 from lightning_desa2va.config import compose_config
+from lightning_desa2va.data.chat import IGNORE_INDEX, ChatEncoder, ChatTemplates
+from lightning_desa2va.data.schema import QAPair
+from lightning_desa2va.models.tokenizer import SEG_TOKEN, load_pretrained_tokenizer
 from lightning_desa2va.pipeline import ensure_synthetic_shards, evaluate_checkpoint, train_stage
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
@@ -56,8 +59,6 @@ def test_internvl_hf_folder_trains_stage_two_and_evaluates(finetuned):
 
 def test_only_the_seg_embedding_row_and_lora_train(finetuned, real_weights):
     cfg, _, _, state = finetuned
-    from lightning_desa2va.models.tokenizer import SEG_TOKEN, load_pretrained_tokenizer
-
     seg_id = load_pretrained_tokenizer(str(real_weights.vlm_folder)).convert_tokens_to_ids(SEG_TOKEN)
     pretrained = AutoModelForImageTextToText.from_pretrained(real_weights.vlm_folder, local_files_only=True)
     saved = pretrained.get_input_embeddings().weight.detach()
@@ -69,6 +70,38 @@ def test_only_the_seg_embedding_row_and_lora_train(finetuned, real_weights):
     assert torch.equal(base[:seg_id], saved)  # every pretrained row is untouched
     lora_b = [value for key, value in state.items() if "lora_B" in key]
     assert lora_b and all(value.abs().sum() > 0 for value in lora_b)  # LoRA B starts at 0: it trained
+
+
+def test_chat_template_of_the_folder_lays_out_turns_and_labels_only_answers(real_weights):
+    tokenizer = load_pretrained_tokenizer(str(real_weights.vlm_folder))
+    encoder = ChatEncoder(tokenizer, ChatTemplates(), image_tokens=16)
+    chat = encoder.segmentation("the red square", 2, [QAPair("what colour is it ?", "red")])
+    tokens = tokenizer.convert_ids_to_tokens(chat.input_ids.tolist())
+    labelled = [
+        token for token, label in zip(tokens, chat.labels.tolist(), strict=True) if label != IGNORE_INDEX
+    ]
+    assert labelled == ["sure", ",", SEG_TOKEN, ".", "<|im_end|>", "red", "<|im_end|>"]
+    assert tokens[:3] == ["<|im_start|>", "user", "<img>"]
+    assert tokens.count("<IMG_CONTEXT>") == 2 * 16
+    assert tokens.count("<|im_start|>") == 4  # user, assistant, user, assistant: the template's turns
+
+
+@pytest.mark.parametrize(
+    ("experiment", "folder"), [("desa2va_1b", "InternVL3-1B-hf"), ("desa2va_4b", "InternVL3-2B-hf")]
+)
+def test_real_recipes_compose_sa2va_values_and_stage_two_lora(experiment, folder):
+    text = compose_config([f"experiment={experiment}", "stage=text_pretrain"], EXPERIMENTS_DIR)
+    finetune = compose_config([f"experiment={experiment}", "stage=decoupled_finetune"], EXPERIMENTS_DIR)
+    for cfg in (text, finetune):
+        assert cfg.model.vlm.path == f"weights/{folder}"
+        assert cfg.model.sam2.checkpoint == "weights/sam2.1_hiera_large.pt"
+        assert (cfg.trainer.accelerator, cfg.trainer.precision) == ("gpu", "bf16-mixed")
+        assert cfg.stage.optimizer.lr == pytest.approx(4e-5)
+        assert cfg.data.num_frames == (2 if cfg is text else 5)  # stage 1 reads 2 frames, as in the default
+    assert "lora" not in text.stage
+    assert (finetune.stage.lora.r, finetune.stage.lora.lora_alpha) == (128, 256)
+    moved = compose_config([f"experiment={experiment}", "paths.weights_dir=/data/w"], EXPERIMENTS_DIR)
+    assert moved.model.vlm.path == f"/data/w/{folder}"
 
 
 def test_missing_vlm_folder_is_one_line(real_weights, capsys):
