@@ -15,12 +15,13 @@ from lightning_desa2va.cli.help import EXAMPLES, HelpFormatter
 from lightning_desa2va.config import ConfigError
 from lightning_desa2va.console import quiet_third_party_output
 from lightning_desa2va.data.schema import ShardFormatError
+from lightning_desa2va.models.errors import WeightsFormatError
 
 LIGHTNING_LOGGER = "lightning"
 COMMAND_MODULES = (runs, pretrain, shards)
 """Modules with a ``register(commands)`` function, in the order ``--help`` lists their subcommands."""
 
-USER_ERRORS = (HydraException, ConfigError, ShardFormatError, FileNotFoundError)
+USER_ERRORS = (HydraException, ConfigError, ShardFormatError, WeightsFormatError, FileNotFoundError)
 """Errors that are the input's fault: printed as one line naming it, without a traceback."""
 
 
