@@ -163,3 +163,16 @@ def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err
     return err.strip().splitlines()[-1]
+
+
+def test_qwen2_5_vl_folder_trains_stage_two_with_its_vision_tokens(real_weights, tmp_path, in_scratch_folder):
+    with in_scratch_folder(tmp_path) as store:
+        cfg = compose_config([*SMALL_RUN, store, *real_weights.qwen_overrides], EXPERIMENTS_DIR)
+        ensure_synthetic_shards(cfg)
+        run = train_stage(cfg)
+    assert 0.0 <= run.metrics["JF"] <= 1.0
+    state = torch.load(run.checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    base = state[f"{EMBEDDING}.token_adapter.base_layer.weight"]
+    delta = state[f"{EMBEDDING}.token_adapter.trainable_tokens_delta.default"]
+    assert not torch.allclose(delta[0], base[-1])  # [SEG], the last row, moved
+    assert all(value.abs().sum() > 0 for key, value in state.items() if "lora_B" in key)

@@ -44,6 +44,10 @@ class ChatTemplates(CaptionTemplates):
     caption_question: str = "Which shapes are there?"
     caption_qa_turns: int | None = None
     """QA turns after the caption in VLM pre-training; ``None`` keeps all of the clip's pairs."""
+    image_start: str = IMAGE_START_TOKEN
+    image_context: str = IMAGE_CONTEXT_TOKEN
+    image_end: str = IMAGE_END_TOKEN
+    """How a frame is spelled: start, ``image_tokens`` context tokens, end (InternVL's; Qwen-VL's differ)."""
 
 
 @dataclass
@@ -136,7 +140,8 @@ class ChatEncoder:
         return motions
 
     def _images(self, num_frames: int) -> str:
-        image = IMAGE_START_TOKEN + IMAGE_CONTEXT_TOKEN * self.image_tokens + IMAGE_END_TOKEN
+        templates = self.templates
+        image = templates.image_start + templates.image_context * self.image_tokens + templates.image_end
         return image * num_frames
 
     def _encode(self, turns: list[tuple[str, str | None]]) -> EncodedChat:

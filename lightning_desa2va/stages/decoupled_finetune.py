@@ -117,10 +117,11 @@ class DecoupledFinetuneStage(SegmentationStage):
         labels = batch["labels"]
         if max(len(spans) for spans in answer_spans(labels != IGNORE_INDEX)) <= SEGMENTATION_ANSWERS:
             return  # no QA turn in the batch (data.chat.max_qa_turns = 0 or clips without QA pairs)
-        output = self.model.vlm.model(
+        vlm = self.model.vlm
+        output = vlm.model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
-            pixel_values=batch["vlm_pixels"].flatten(0, 1),
+            **vlm.vision_inputs(batch["input_ids"], batch["vlm_pixels"].flatten(0, 1)),
         )
         hits, types = [], []
         for row, answers in enumerate(score_answers(output.logits, labels).answers):
