@@ -143,8 +143,16 @@ def config_module(module: str, version_base: str) -> Iterator[None]:
 
 def compose_config(overrides: list[str] | None = None, experiments_dir: Path | None = None) -> DictConfig:
     """Compose the run config from the packaged defaults, an experiment and Hydra-syntax overrides."""
-    register_experiments(experiments_dir or DEFAULT_EXPERIMENTS_DIR)
+    experiments_dir = experiments_dir or DEFAULT_EXPERIMENTS_DIR
+    known = register_experiments(experiments_dir)
     overrides = list(overrides or [])
+    for override in overrides:
+        key, _, name = override.partition("=")
+        if key == EXPERIMENT_GROUP and name not in known:
+            raise ConfigError(
+                f"{override}: no {name}.yaml in {experiments_dir.resolve()} (experiments: "
+                f"{', '.join(known) or 'none'}); run from the repository root or pass --experiments-dir"
+            )
     with config_module(CONFIG_MODULE, HYDRA_VERSION_BASE):
         cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
         stage_overrides = cfg.pipeline.get(STAGE_OVERRIDES_KEY, {}).get(cfg.hydra.runtime.choices.stage)
