@@ -7,6 +7,7 @@ one line.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,27 @@ def test_missing_vlm_folder_is_one_line(real_weights, capsys):
         )
     assert exit_info.value.code == 2
     assert _error_line(capsys) == f"desa2va: error: VLM folder not found: {absent}"
+
+
+def test_folder_without_a_model_is_one_line(real_weights, tmp_path, capsys):
+    tokenizer_only = tmp_path / "tokenizer-only"
+    shutil.copytree(
+        real_weights.vlm_folder, tokenizer_only, ignore=shutil.ignore_patterns("config.json", "*.safetensors")
+    )
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "--experiments-dir",
+                str(EXPERIMENTS_DIR),
+                "train",
+                *real_weights.overrides,
+                f"model.folder={tokenizer_only}",
+            ]
+        )
+    assert (
+        _error_line(capsys)
+        == f"desa2va: error: no transformers model folder (config.json) at {tokenizer_only}"
+    )
 
 
 def test_sam2_checkpoint_of_another_size_is_one_line(real_weights, compose, tmp_path, capsys):
