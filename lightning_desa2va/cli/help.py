@@ -4,6 +4,7 @@ groups with their variants (read from the packaged config tree, without importin
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
 from lightning_desa2va.config import config_groups
 
@@ -31,15 +32,25 @@ def variants_epilog() -> str:
 
 
 def add_command(
-    commands: argparse._SubParsersAction, name: str, summary: str, example: str, takes_overrides: bool
+    commands: argparse._SubParsersAction,
+    name: str,
+    summary: str,
+    example: str,
+    takes_overrides: bool,
+    positionals: Sequence[tuple[str, str]] = (),
 ) -> argparse.ArgumentParser:
-    """A subcommand whose help gives its one-line summary, an example and (with overrides) the variants."""
+    """A subcommand whose help gives its one-line summary, an example and (with overrides) the variants.
+
+    ``positionals`` (name, help) come before the overrides: argparse gives a list of any length (the
+    overrides) all but the positionals after it, so ``eval CKPT stage=...`` needs the checkpoint first."""
     epilog = f"example:\n  {example}"
     if takes_overrides:
         epilog += "\n\n" + variants_epilog()
     parser = commands.add_parser(
         name, help=summary, description=summary, epilog=epilog, formatter_class=HelpFormatter
     )
+    for positional, help_text in positionals:
+        parser.add_argument(positional, type=str, help=help_text)
     if takes_overrides:
         parser.add_argument(
             "overrides",
