@@ -14,6 +14,7 @@ from lightning_desa2va.metrics import region_similarity
 from lightning_desa2va.models.inference import Sa2VAInference, keep_image_blocks
 from lightning_desa2va.stages.base import at_original_size
 
+pytestmark = pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")
 EXPRESSIONS = ["the red circle", "the small blue square moving left"]
 NUM_FRAMES = 5
 KEY_FRAMES = 2
@@ -137,7 +138,6 @@ def test_sa2va_i_tracks_with_the_foundation_decoder_and_sa2va_with_the_tuned_one
     assert calls["sa2va_i"]["tuned"] == decodes and calls["sa2va_i"]["foundation"] >= tracked
 
 
-@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")
 def test_the_foundation_decoder_stays_frozen_while_stage_2_trains(
     make_model, make_batch, build_stage, fit_on_batch, compose, tmp_path
 ) -> None:
@@ -179,3 +179,39 @@ def test_scores_are_computed_at_each_videos_original_size(make_model, make_batch
     stage._evaluate(batch, "val")
     scores = stage.scores["val"]["jf"].compute()
     assert scores["J"] < 0.9  # scored against the originals, not against the model-size targets
+
+
+@pytest.fixture(scope="module")
+def synthetic_eval(tmp_path_factory, compose, tokenizer):
+    """A few synthetic validation videos as shards and a stage-2 checkpoint of the shipped foundations."""
+    from lightning_desa2va.build import build_model
+    from lightning_desa2va.data.shards import write_synthetic_benchmark
+    from lightning_desa2va.data.synthetic import SyntheticConfig
+
+    root = tmp_path_factory.mktemp("synthetic_eval")
+    write_synthetic_benchmark(root / "data", SyntheticConfig(num_frames=NUM_FRAMES), {"val": 2}, 0, 2)
+    cfg = compose("stage=decoupled_finetune")
+    model = build_model(cfg, tokenizer)
+    stage = instantiate(cfg.stage, model=model, loss=instantiate(cfg.loss))  # with its LoRA weights
+    checkpoint = root / "last.ckpt"
+    torch.save(
+        {"state_dict": {f"model.{key}": value for key, value in stage.model.state_dict().items()}}, checkpoint
+    )
+    return root, checkpoint
+
+
+@pytest.mark.parametrize("name", list(PROTOCOLS))
+def test_a_short_stage_2_evaluation_runs_under_each_protocol(
+    name, synthetic_eval, compose, in_scratch_folder
+):
+    from lightning_desa2va.pipeline import evaluate_checkpoint
+
+    root, checkpoint = synthetic_eval
+    overrides = [f"paths.data_dir={root / 'data'}", "data.num_workers=0", "data.eval_batch_size=2"]
+    cfg = compose(
+        "stage=decoupled_finetune", "stage.num_overlays=0", f"eval={name}", *PROTOCOLS[name], *overrides
+    )
+    with in_scratch_folder(root):
+        scores, baseline = evaluate_checkpoint(cfg, checkpoint, "val")
+    assert 0.0 <= scores["JF"] <= 1.0 and 0.0 < baseline["JF"] <= 1.0
+    assert "diag/abs_cos_zt_zv" in scores  # the diagnostics read the protocol's own forward pass
