@@ -18,10 +18,13 @@ from lightning_desa2va.runs import RUN_FILE
 
 VIDEO_SIZE = 160  # the video's own size; the model reads 128
 NUM_FRAMES = 6
-TRAIN_STEPS = 20
+TRAIN_STEPS = 12
 MIN_TRAVEL = 15.0  # pixels the object moves over the clip, so a mask that stays put fails
 MAX_CENTROID_ERROR = 6.0
-pytestmark = pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
+    pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`"),
+]
 STAGE_2 = ["stage=decoupled_finetune", "stage.optimizer.lr=1e-3", "stage.num_overlays=0"]
 
 
