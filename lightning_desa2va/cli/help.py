@@ -11,7 +11,8 @@ from lightning_desa2va.config import config_groups
 EXAMPLES = """examples:
   desa2va demo                                   the main job: shards, stage 1, stage 2, scores
   desa2va train stage=text_pretrain decoupler=orthogonal
-  desa2va eval outputs/.../checkpoints/last.ckpt stage=decoupled_finetune --split test
+  desa2va eval outputs/.../checkpoints/last.ckpt stage=decoupled_finetune eval=sa2va --split test
+  desa2va predict --video clip.mp4 --expression "the red circle" --ckpt outputs/.../last.ckpt
   desa2va pretrain-tiny --out outputs/foundations/tiny
   desa2va shards synthetic --out data/shapes --videos 480
   desa2va shards build --format mevis --root data/raw/mevis --split valid_u --as val --out data/mevis
