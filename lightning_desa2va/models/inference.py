@@ -120,7 +120,7 @@ class Sa2VAInference(InferenceProtocol):
         assert output.fused_logits is not None  # FUSED_ONLY decodes it
         if len(keys) == num_frames:
             return Inference(output, output.fused_logits, keys)
-        with tracking_decoder(model.sam, self.foundation_decoder):
+        with tracking_with(model.sam, self.foundation_decoder):
             logits = model.propagate(frames, keys, output.fused_logits)
         return Inference(output, logits, keys)
 
@@ -139,7 +139,7 @@ class Sa2VAiInference(Sa2VAInference):
 
 
 @contextmanager
-def tracking_decoder(sam: LanguagePromptedSAM2, decoder: nn.Module | None) -> Iterator[None]:
+def tracking_with(sam: LanguagePromptedSAM2, decoder: nn.Module | None) -> Iterator[None]:
     """SAM-2 with ``decoder`` as its mask decoder for the block (``None``: its own), then its own again.
 
     The decoder also projects the finer feature levels (``conv_s0``/``conv_s1``) when frames are encoded
@@ -148,7 +148,8 @@ def tracking_decoder(sam: LanguagePromptedSAM2, decoder: nn.Module | None) -> It
         yield
         return
     tuned = sam.sam_mask_decoder
-    sam.sam_mask_decoder = decoder.to(next(tuned.parameters()).device)
+    weight = next(tuned.parameters())
+    sam.sam_mask_decoder = decoder.to(weight.device, weight.dtype)
     try:
         yield
     finally:
