@@ -101,6 +101,7 @@ class RunConfig:
     motion_cue: Any = None
     motion_prompt: Any = None
     loss: Any = None
+    eval: Any = None
     data: Any = None
     trainer: Any = None
     logger: Any = None

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from transformers import AutoImageProcessor, BaseImageProcessor, PreTrainedModel, PreTrainedTokenizerBase
 
-from lightning_desa2va.models.errors import WeightsFormatError
+from lightning_desa2va.errors import WeightsFormatError
 from lightning_desa2va.models.tokenizer import SEG_TOKEN
 from lightning_desa2va.models.vlm import SegTokenVLM, load_image_text_model
 

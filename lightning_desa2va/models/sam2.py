@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from lightning_desa2va.config import config_module
-from lightning_desa2va.models.errors import WeightsFormatError
+from lightning_desa2va.errors import WeightsFormatError
 
 log = logging.getLogger(__name__)
 
@@ -213,30 +213,53 @@ class LanguagePromptedSAM2(SAM2Base):
         """
         if point_inputs is None and mask_inputs is None:
             raise ValueError("tracking needs a point/box prompt or a mask prompt on frame 0")
-        output_dict: dict[str, dict[int, dict]] = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
-        outputs = []
-        for index in range(features.num_frames):
-            vision_feats, vision_pos_embeds = features.frame(index)
-            is_cond = index == 0
-            out = self.track_step(
-                frame_idx=index,
-                is_init_cond_frame=is_cond,
-                current_vision_feats=vision_feats,
-                current_vision_pos_embeds=vision_pos_embeds,
-                feat_sizes=features.feat_sizes,
-                point_inputs=point_inputs if is_cond else None,
-                mask_inputs=mask_inputs if is_cond else None,
-                output_dict=output_dict,
-                num_frames=features.num_frames,
-            )
-            output_dict["cond_frame_outputs" if is_cond else "non_cond_frame_outputs"][index] = out
-            outputs.append(out)
+        outputs = self._track_prompted(features, {0: (point_inputs, mask_inputs)})
         return TrackOutput(
             logits=torch.stack([out["pred_masks_high_res"][:, 0] for out in outputs], dim=1),
             candidate_logits=[out["candidate_masks_high_res"] for out in outputs],
             candidate_ious=[out["candidate_ious"] for out in outputs],
             object_score_logits=torch.cat([out["object_score_logits"] for out in outputs], dim=1),
         )
+
+    def track_masks(self, features: ClipFeatures, key_frames: list[int], masks: Tensor) -> Tensor:
+        """Mask logits [B, T, H, W] of the object whose masks [B, K, H, W] are given on ``key_frames``
+        (frame 0 among them): each key frame is a conditioning frame, the others follow by SAM-2's memory
+        of every key frame and of the frames just tracked (Sa2VA-style inference)."""
+        if 0 not in key_frames:
+            raise ValueError(f"key frames {key_frames} must include frame 0 (tracking runs forward)")
+        prompts = {frame: (None, masks[:, [index]]) for index, frame in enumerate(key_frames)}
+        outputs = self._track_prompted(features, prompts)
+        return torch.stack([out["pred_masks_high_res"][:, 0] for out in outputs], dim=1)
+
+    def _track_prompted(
+        self, features: ClipFeatures, prompts: dict[int, tuple[dict[str, Tensor] | None, Tensor | None]]
+    ) -> list[dict]:
+        """Every frame's ``track_step`` output, in frame order: the prompted frames first (point or mask
+        prompts by frame), then the others in order, as sam2's video predictor adds prompts and then
+        propagates. The memory is organised as it does: prompted frames under ``cond_frame_outputs``, the
+        others under ``non_cond_frame_outputs``."""
+        output_dict: dict[str, dict[int, dict]] = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
+        order = [*sorted(prompts), *(t for t in range(features.num_frames) if t not in prompts)]
+        for index in order:
+            vision_feats, vision_pos_embeds = features.frame(index)
+            is_cond = index in prompts
+            point_inputs, mask_inputs = prompts.get(index, (None, None))
+            out = self.track_step(
+                frame_idx=index,
+                is_init_cond_frame=is_cond,
+                current_vision_feats=vision_feats,
+                current_vision_pos_embeds=vision_pos_embeds,
+                feat_sizes=features.feat_sizes,
+                point_inputs=point_inputs,
+                mask_inputs=mask_inputs,
+                output_dict=output_dict,
+                num_frames=features.num_frames,
+            )
+            output_dict["cond_frame_outputs" if is_cond else "non_cond_frame_outputs"][index] = out
+        return [
+            output_dict["cond_frame_outputs" if t in prompts else "non_cond_frame_outputs"][t]
+            for t in range(features.num_frames)
+        ]
 
     def track_from_prompt(
         self,

@@ -15,7 +15,7 @@ from transformers import AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase, 
 
 from lightning_desa2va.data.synthetic import SyntheticConfig
 from lightning_desa2va.data.synthetic_words import vocabulary
-from lightning_desa2va.models.errors import WeightsFormatError
+from lightning_desa2va.errors import WeightsFormatError
 
 SEG_TOKEN = "[SEG]"
 IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"

@@ -25,7 +25,7 @@ from transformers import (
 )
 from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 
-from lightning_desa2va.models.errors import WeightsFormatError
+from lightning_desa2va.errors import WeightsFormatError
 from lightning_desa2va.models.tokenizer import IMAGE_CONTEXT_TOKEN, SEG_TOKEN
 
 log = logging.getLogger(__name__)
