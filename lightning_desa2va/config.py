@@ -35,6 +35,7 @@ CONFIGS_DIR = Path(str(files("lightning_desa2va"))) / "configs"
 RECIPES_DIR = CONFIGS_DIR / "recipes"
 DEFAULT_EXPERIMENT = "default"
 RUN_KEY = "run"
+STAGE_OVERRIDES_KEY = "stage_overrides"
 HYDRA_KEY = "hydra"
 
 # `${shipped_foundations:}` in a config is the folder of the tiny foundations that ship with the package.
@@ -52,6 +53,8 @@ class PathsConfig:
     data_dir: str = "data/shapes"
     output_dir: str = "outputs"
     foundations_dir: str = "${shipped_foundations:}"
+    weights_dir: str = "weights"
+    """Real checkpoints (a VLM's save_pretrained folder, SAM-2 .pt files): docs/real_weights.md."""
 
 
 @dataclass
@@ -60,6 +63,9 @@ class PipelineConfig:
     the checkpoint of the one before."""
 
     stages: list[str] = field(default_factory=lambda: ["text_pretrain", "decoupled_finetune"])
+    stage_overrides: dict[str, list[str]] = field(default_factory=dict)
+    """Hydra overrides by stage name, applied whenever that stage is composed (before the command line's):
+    an experiment's values for one stage only, e.g. stage 2's LoRA rank, which stage 1 has no key for."""
 
 
 @dataclass
@@ -95,6 +101,7 @@ class RunConfig:
     motion_cue: Any = None
     motion_prompt: Any = None
     loss: Any = None
+    eval: Any = None
     data: Any = None
     trainer: Any = None
     logger: Any = None
@@ -137,10 +144,22 @@ def config_module(module: str, version_base: str) -> Iterator[None]:
 
 def compose_config(overrides: list[str] | None = None, experiments_dir: Path | None = None) -> DictConfig:
     """Compose the run config from the packaged defaults, an experiment and Hydra-syntax overrides."""
-    register_experiments(experiments_dir or DEFAULT_EXPERIMENTS_DIR)
+    experiments_dir = experiments_dir or DEFAULT_EXPERIMENTS_DIR
+    known = register_experiments(experiments_dir)
     overrides = list(overrides or [])
+    for override in overrides:
+        key, _, name = override.partition("=")
+        if key == EXPERIMENT_GROUP and name not in known:
+            raise ConfigError(
+                f"{override}: no {name}.yaml in {experiments_dir.resolve()} (experiments: "
+                f"{', '.join(known) or 'none'}); run from the repository root or pass --experiments-dir"
+            )
     with config_module(CONFIG_MODULE, HYDRA_VERSION_BASE):
         cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        stage_overrides = cfg.pipeline.get(STAGE_OVERRIDES_KEY, {}).get(cfg.hydra.runtime.choices.stage)
+        if stage_overrides:
+            overrides = [*stage_overrides, *overrides]
+            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     choices = {
         group: str(choice)
         for group, choice in cfg.hydra.runtime.choices.items()

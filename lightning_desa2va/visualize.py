@@ -124,6 +124,11 @@ def _overlay(image: np.ndarray, mask: np.ndarray, color: RGB) -> np.ndarray:
     return out.round().astype(np.uint8)
 
 
+def tint_prediction(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A frame [H, W, 3] uint8, partly greyed, with the predicted mask [H, W] tinted and outlined."""
+    return _overlay(_desaturate(image), mask, PRED_COLOR)
+
+
 def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(mask.astype(np.uint8) * UINT8_MAX).resize(size, Image.NEAREST)) > 0
 

@@ -189,3 +189,13 @@ def in_scratch_folder() -> Callable[[Path], AbstractContextManager[str]]:
             yield f"logger.tracking_uri=sqlite:///{root / 'mlflow.db'}"
 
     return _enter
+
+
+@pytest.fixture(scope="session")
+def real_weights(tmp_path_factory: pytest.TempPathFactory, compose: Callable[..., Any]) -> Any:
+    """Tiny checkpoints in the real formats (an InternVL ``-hf`` folder, a SAM-2 ``.pt`` sized like the tiny
+    default's), written once: a ``RealWeights`` whose ``overrides`` select ``model=internvl_hf`` on them."""
+    from real_weight_folders import write_real_weights
+
+    sam2 = compose().model.sam2
+    return write_real_weights(tmp_path_factory.mktemp("weights"), sam2.config_name, list(sam2.overrides))

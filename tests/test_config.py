@@ -96,9 +96,9 @@ def test_command_line_override_beats_the_experiment(compose) -> None:
     assert cfg.decoupler._target_.endswith("NoDecoupler")
 
 
-def test_unknown_experiment_fails_naming_it(compose) -> None:
-    with pytest.raises((HydraException, ConfigError), match="no_such_experiment"):
-        compose("experiment=no_such_experiment")
+def test_unknown_experiment_fails_naming_it_and_the_folder_searched(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=rf"no_such_experiment.yaml in {tmp_path}"):
+        compose_config(["experiment=no_such_experiment"], experiments_dir=tmp_path)
 
 
 @pytest.mark.parametrize(

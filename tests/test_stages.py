@@ -196,16 +196,3 @@ def test_init_from_a_missing_file_fails_naming_it(make_model, build_stage, tmp_p
     with pytest.raises(InstantiationException, match=re.escape(str(missing))) as wrapped:
         build_stage(cfg, model)
     assert isinstance(wrapped.value.__cause__, FileNotFoundError)
-
-
-def test_propagation_seeds_sam2_memory_with_the_key_frame_mask(make_model, make_batch, build_stage) -> None:
-    cfg, model = make_model("stage=decoupled_finetune", "stage.propagate=true")
-    stage = build_stage(cfg, model).eval()
-    batch = make_batch(model, [EXPRESSION, "the blue circle"], num_frames=3)
-    with torch.no_grad():
-        fused = stage.forward_batch(batch).fused_logits
-        propagated = stage.predict_logits(batch)
-    assert propagated.shape == fused.shape == batch["target_masks"].shape
-    # SAM-2 takes a mask prompt as its output on that frame: frame 0 is the fused key-frame mask itself
-    assert torch.equal(propagated[:, 0] > 0, fused[:, 0] > 0)
-    assert torch.isfinite(propagated).all()

@@ -4,13 +4,15 @@ groups with their variants (read from the packaged config tree, without importin
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
 from lightning_desa2va.config import config_groups
 
 EXAMPLES = """examples:
   desa2va demo                                   the main job: shards, stage 1, stage 2, scores
   desa2va train stage=text_pretrain decoupler=orthogonal
-  desa2va eval outputs/.../checkpoints/last.ckpt stage=decoupled_finetune --split test
+  desa2va eval outputs/.../checkpoints/last.ckpt stage=decoupled_finetune eval=sa2va --split test
+  desa2va predict --video clip.mp4 --expression "the red circle" --ckpt outputs/.../last.ckpt
   desa2va pretrain-tiny --out outputs/foundations/tiny
   desa2va sweep sweeps/ablate_decoupler.yaml --profile quick
   desa2va shards synthetic --out data/shapes --videos 480
@@ -32,15 +34,25 @@ def variants_epilog() -> str:
 
 
 def add_command(
-    commands: argparse._SubParsersAction, name: str, summary: str, example: str, takes_overrides: bool
+    commands: argparse._SubParsersAction,
+    name: str,
+    summary: str,
+    example: str,
+    takes_overrides: bool,
+    positionals: Sequence[tuple[str, str]] = (),
 ) -> argparse.ArgumentParser:
-    """A subcommand whose help gives its one-line summary, an example and (with overrides) the variants."""
+    """A subcommand whose help gives its one-line summary, an example and (with overrides) the variants.
+
+    ``positionals`` (name, help) come before the overrides: argparse gives a list of any length (the
+    overrides) all but the positionals after it, so ``eval CKPT stage=...`` needs the checkpoint first."""
     epilog = f"example:\n  {example}"
     if takes_overrides:
         epilog += "\n\n" + variants_epilog()
     parser = commands.add_parser(
         name, help=summary, description=summary, epilog=epilog, formatter_class=HelpFormatter
     )
+    for positional, help_text in positionals:
+        parser.add_argument(positional, type=str, help=help_text)
     if takes_overrides:
         parser.add_argument(
             "overrides",

@@ -38,8 +38,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         "score a stage checkpoint on val or test beside the union-of-objects baseline",
         "desa2va eval outputs/.../checkpoints/last.ckpt stage=decoupled_finetune --split test",
         takes_overrides=True,
+        positionals=[("checkpoint", "a stage's Lightning checkpoint (.ckpt)")],
     )
-    evaluate.add_argument("checkpoint", type=str, help="a stage's Lightning checkpoint (.ckpt)")
     evaluate.add_argument("--split", choices=("val", "test"), default="val")
     evaluate.set_defaults(run=_evaluate)
 

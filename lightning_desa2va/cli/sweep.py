@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lightning_desa2va.cli.help import add_command, variants_epilog
+from lightning_desa2va.cli.help import add_command
 from lightning_desa2va.console import print_table
 
 UI_HINT = "Compare the trials with `make ui`: open the study's experiment, runs nested under its parent run."
@@ -17,12 +17,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         "sweep",
         "run (or resume) an Optuna study over the pipeline from a sweep spec; ablations print their table",
         "desa2va sweep sweeps/ablate_decoupler.yaml --profile quick --workers 2",
-        takes_overrides=False,
-    )
-    sweep.epilog += "\n\n" + variants_epilog()
-    sweep.add_argument("spec", type=Path, help="a sweep spec (sweeps/*.yaml)")
-    sweep.add_argument(
-        "overrides", nargs="*", help="Hydra overrides for every trial, e.g. trainer.max_steps=50"
+        takes_overrides=True,
+        positionals=[("spec", "a sweep spec (sweeps/*.yaml)")],
     )
     sweep.add_argument("--profile", default="default", help="a profile of the spec (e.g. quick)")
     sweep.add_argument("--workers", type=int, default=1, help="worker processes sharing the study's storage")
@@ -35,7 +31,7 @@ def _sweep(args: argparse.Namespace) -> None:
 
     if args.workers < 1:
         raise SweepSpecError(f"--workers must be at least 1, got {args.workers}")
-    spec = load_spec(args.spec, args.profile)
+    spec = load_spec(Path(args.spec), args.profile)
     result = run_sweep(spec, args.overrides, args.experiments_dir, args.workers)
     lines = [*summary_lines(result), UI_HINT]
     if result.report is None:

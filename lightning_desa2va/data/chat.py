@@ -44,6 +44,10 @@ class ChatTemplates(CaptionTemplates):
     caption_question: str = "Which shapes are there?"
     caption_qa_turns: int | None = None
     """QA turns after the caption in VLM pre-training; ``None`` keeps all of the clip's pairs."""
+    image_start: str = IMAGE_START_TOKEN
+    image_context: str = IMAGE_CONTEXT_TOKEN
+    image_end: str = IMAGE_END_TOKEN
+    """How a frame is spelled: start, ``image_tokens`` context tokens, end (InternVL's; Qwen-VL's differ)."""
 
 
 @dataclass
@@ -136,11 +140,18 @@ class ChatEncoder:
         return motions
 
     def _images(self, num_frames: int) -> str:
-        image = IMAGE_START_TOKEN + IMAGE_CONTEXT_TOKEN * self.image_tokens + IMAGE_END_TOKEN
+        templates = self.templates
+        image = templates.image_start + templates.image_context * self.image_tokens + templates.image_end
         return image * num_frames
 
     def _encode(self, turns: list[tuple[str, str | None]]) -> EncodedChat:
-        """Token ids of the turns; an answer of ``None`` leaves the assistant turn open and unlabelled."""
+        """Token ids of the turns; an answer of ``None`` leaves the assistant turn open and unlabelled.
+
+        A tokenizer with a chat template (a real checkpoint's) lays the turns out by it; the embedded
+        default's word-level tokenizer has none and uses the InternVL layout spelled out here.
+        """
+        if self.tokenizer.chat_template is not None:
+            return self._encode_by_template(turns)
         ids: list[int] = []
         labels: list[int] = []
         for question, answer in turns:
@@ -153,6 +164,38 @@ class ChatEncoder:
             ids += user + reply
             labels += [IGNORE_INDEX] * len(user) + reply
         return EncodedChat(input_ids=torch.tensor(ids), labels=torch.tensor(labels))
+
+    def _encode_by_template(self, turns: list[tuple[str, str | None]]) -> EncodedChat:
+        """The turns rendered by the tokenizer's chat template; each answer's tokens are what its message
+        adds to the rendered conversation (so the template's end-of-turn text is labelled with it)."""
+        messages: list[dict[str, str]] = []
+        ids: list[int] = []
+        labels: list[int] = []
+        rendered = ""
+        for question, answer in turns:
+            messages.append({"role": USER_ROLE, "content": question})
+            prompt = self._render(messages, rendered, add_generation_prompt=True)
+            user = self._ids(prompt[len(rendered) :])
+            ids += user
+            labels += [IGNORE_INDEX] * len(user)
+            if answer is None:
+                continue
+            messages.append({"role": ASSISTANT_ROLE, "content": answer})
+            rendered = self._render(messages, prompt)
+            reply = self._ids(rendered[len(prompt) :])
+            ids += reply
+            labels += reply
+        return EncodedChat(input_ids=torch.tensor(ids), labels=torch.tensor(labels))
+
+    def _render(
+        self, messages: list[dict[str, str]], before: str, add_generation_prompt: bool = False
+    ) -> str:
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        if not text.startswith(before):
+            raise ValueError("the tokenizer's chat template rewrites earlier turns; it cannot label answers")
+        return text
 
     def _ids(self, text: str) -> list[int]:
         ids = self._token_cache.get(text)

@@ -124,11 +124,7 @@ class ClipEncoder:
 
     def __call__(self, video: VideoSample, expression: Expression) -> dict[str, Any]:
         index = frame_indices(video.num_frames, self.num_frames, self.sampling).tolist()
-        frames = np.stack([video.frame(i, self.decode_size) for i in index])
-        rgb = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
-        sam_rgb = self._resize(rgb, self.sam_image_size)
-        # the (usually smaller) VLM input from the SAM-2 one: one resize of the full frame, not two
-        vlm_source = sam_rgb if self.vlm_image_size <= self.sam_image_size else rgb
+        frames, vlm_pixels = self.model_inputs(np.stack([video.frame(i, self.decode_size) for i in index]))
         ids = np.stack([video.mask(i) for i in index])
         instances = torch.from_numpy(resize_ids(ids, self.sam_image_size).astype(np.int64))
         chat = self.chat.segmentation(expression.text, len(index), video.qa)
@@ -138,8 +134,8 @@ class ClipEncoder:
         caption_chat = self.chat.caption_qa(caption, len(index), video.qa)
         questions = [pair.question for pair in video.qa[: self.chat.templates.caption_qa_turns]]
         sample = {
-            "frames": self._normalise(sam_rgb),
-            "vlm_pixels": self._normalise(self._resize(vlm_source, self.vlm_image_size)),
+            "frames": frames,
+            "vlm_pixels": vlm_pixels,
             "target_masks": targets(instances, expression.object_ids),
             "instance_masks": instances,
             "input_ids": chat.input_ids,
@@ -164,6 +160,14 @@ class ClipEncoder:
             sample["original_target_masks"] = torch.from_numpy(np.isin(originals, expression.object_ids))
             sample["original_size"] = video.original_size
         return sample
+
+    def model_inputs(self, frames: np.ndarray) -> tuple[Tensor, Tensor]:
+        """RGB frames [T, H, W, 3] uint8 → normalised SAM-2 frames [T, 3, S, S], VLM frames [T, 3, s, s]."""
+        rgb = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
+        sam_rgb = self._resize(rgb, self.sam_image_size)
+        # the (usually smaller) VLM input from the SAM-2 one: one resize of the full frame, not two
+        vlm_source = sam_rgb if self.vlm_image_size <= self.sam_image_size else rgb
+        return self._normalise(sam_rgb), self._normalise(self._resize(vlm_source, self.vlm_image_size))
 
     def _resize(self, rgb: Tensor, size: int) -> Tensor:
         if rgb.shape[-1] == size and rgb.shape[-2] == size:

@@ -133,11 +133,14 @@ class DeSa2VA(nn.Module):
             logits.view(batch, num_frames, *logits.shape[-2:]), prompt, features.image_embeddings
         )
 
-    def propagate(self, frames: Tensor, key_frame_logits: Tensor) -> Tensor:
-        """Sa2VA-style inference: the key-frame mask [B, H, W] (frame 0) seeds SAM-2's memory, which tracks
-        the object through every frame of the clips [B, T, 3, H, W]; returns mask logits [B, T, H, W]."""
-        mask_inputs = (key_frame_logits > 0).float().unsqueeze(1)
-        return self.sam.track_from_prompt(frames, mask_inputs=mask_inputs)
+    def propagate(self, frames: Tensor, key_frames: list[int], key_frame_logits: Tensor) -> Tensor:
+        """Sa2VA-style inference: the masks [B, K, H, W] of ``key_frames`` seed SAM-2's memory, which
+        tracks the object through every frame of the clips [B, T, 3, H, W]; returns mask logits
+        [B, T, H, W], the key frames' own logits on the key frames."""
+        mask_inputs = (key_frame_logits > 0).float()
+        tracked = self.sam.track_masks(self.sam.encode_clips(frames), key_frames, mask_inputs)
+        tracked[:, key_frames] = key_frame_logits.to(tracked.dtype)
+        return tracked
 
     def forward(
         self,

@@ -12,6 +12,7 @@ SAM-2 and Sa2VA-style inference (key-frame mask → memory propagation) use.
 from __future__ import annotations
 
 import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,14 @@ import torch
 from hydra import compose
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from safetensors.torch import load_model
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from sam2.modeling.sam2_base import SAM2Base
 from torch import Tensor
 from torch.nn import functional as F
 
 from lightning_desa2va.config import config_module
+from lightning_desa2va.errors import WeightsFormatError
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,7 @@ SAM2_CONFIG_MODULE = "sam2"
 SAM2_HYDRA_VERSION_BASE = "1.2"  # what the sam2 package itself initialises with
 _CLIP_DIMS = 4  # [T, 3, H, W]: one clip without a batch dimension
 SAFETENSORS_SUFFIX = ".safetensors"
+SHOWN_KEYS = 3  # keys an error about a checkpoint lists of each kind
 
 
 def as_maps(feats: Tensor, size: tuple[int, int]) -> Tensor:
@@ -209,30 +213,53 @@ class LanguagePromptedSAM2(SAM2Base):
         """
         if point_inputs is None and mask_inputs is None:
             raise ValueError("tracking needs a point/box prompt or a mask prompt on frame 0")
-        output_dict: dict[str, dict[int, dict]] = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
-        outputs = []
-        for index in range(features.num_frames):
-            vision_feats, vision_pos_embeds = features.frame(index)
-            is_cond = index == 0
-            out = self.track_step(
-                frame_idx=index,
-                is_init_cond_frame=is_cond,
-                current_vision_feats=vision_feats,
-                current_vision_pos_embeds=vision_pos_embeds,
-                feat_sizes=features.feat_sizes,
-                point_inputs=point_inputs if is_cond else None,
-                mask_inputs=mask_inputs if is_cond else None,
-                output_dict=output_dict,
-                num_frames=features.num_frames,
-            )
-            output_dict["cond_frame_outputs" if is_cond else "non_cond_frame_outputs"][index] = out
-            outputs.append(out)
+        outputs = self._track_prompted(features, {0: (point_inputs, mask_inputs)})
         return TrackOutput(
             logits=torch.stack([out["pred_masks_high_res"][:, 0] for out in outputs], dim=1),
             candidate_logits=[out["candidate_masks_high_res"] for out in outputs],
             candidate_ious=[out["candidate_ious"] for out in outputs],
             object_score_logits=torch.cat([out["object_score_logits"] for out in outputs], dim=1),
         )
+
+    def track_masks(self, features: ClipFeatures, key_frames: list[int], masks: Tensor) -> Tensor:
+        """Mask logits [B, T, H, W] of the object whose masks [B, K, H, W] are given on ``key_frames``
+        (frame 0 among them): each key frame is a conditioning frame, the others follow by SAM-2's memory
+        of every key frame and of the frames just tracked (Sa2VA-style inference)."""
+        if 0 not in key_frames:
+            raise ValueError(f"key frames {key_frames} must include frame 0 (tracking runs forward)")
+        prompts = {frame: (None, masks[:, [index]]) for index, frame in enumerate(key_frames)}
+        outputs = self._track_prompted(features, prompts)
+        return torch.stack([out["pred_masks_high_res"][:, 0] for out in outputs], dim=1)
+
+    def _track_prompted(
+        self, features: ClipFeatures, prompts: dict[int, tuple[dict[str, Tensor] | None, Tensor | None]]
+    ) -> list[dict]:
+        """Every frame's ``track_step`` output, in frame order: the prompted frames first (point or mask
+        prompts by frame), then the others in order, as sam2's video predictor adds prompts and then
+        propagates. The memory is organised as it does: prompted frames under ``cond_frame_outputs``, the
+        others under ``non_cond_frame_outputs``."""
+        output_dict: dict[str, dict[int, dict]] = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
+        order = [*sorted(prompts), *(t for t in range(features.num_frames) if t not in prompts)]
+        for index in order:
+            vision_feats, vision_pos_embeds = features.frame(index)
+            is_cond = index in prompts
+            point_inputs, mask_inputs = prompts.get(index, (None, None))
+            out = self.track_step(
+                frame_idx=index,
+                is_init_cond_frame=is_cond,
+                current_vision_feats=vision_feats,
+                current_vision_pos_embeds=vision_pos_embeds,
+                feat_sizes=features.feat_sizes,
+                point_inputs=point_inputs,
+                mask_inputs=mask_inputs,
+                output_dict=output_dict,
+                num_frames=features.num_frames,
+            )
+            output_dict["cond_frame_outputs" if is_cond else "non_cond_frame_outputs"][index] = out
+        return [
+            output_dict["cond_frame_outputs" if t in prompts else "non_cond_frame_outputs"][t]
+            for t in range(features.num_frames)
+        ]
 
     def track_from_prompt(
         self,
@@ -274,22 +301,53 @@ def build_sam2(
 def load_sam2_checkpoint(model: SAM2Base, path: Path) -> None:
     """Load SAM-2 weights from an official ``.pt`` checkpoint or a ``.safetensors`` state dict.
 
-    ``.pt`` files load with ``weights_only=True``; keys that do not fit the configured model are an error
-    naming the file and the keys.
+    ``.pt`` files load with ``weights_only=True``; a file that is no such checkpoint, or whose tensors do
+    not fit the configured model (another size of SAM-2), is a one-line error naming the file.
     """
     if not path.is_file():
         raise FileNotFoundError(f"SAM-2 checkpoint not found: {path}")
-    if path.suffix == SAFETENSORS_SUFFIX:
-        missing, unexpected = load_model(model, path, strict=False)
-    else:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(payload, dict) or "model" not in payload:
-            raise ValueError(f"SAM-2 checkpoint {path} has no 'model' state dict (official format expected)")
-        missing, unexpected = model.load_state_dict(payload["model"], strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"SAM-2 checkpoint {path} does not fit the configured model: "
-            f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
+    state = _read_sam2_state(path)
+    _check_fit(model.state_dict(), state, path)
+    model.load_state_dict(state, strict=True)
     log.info("loaded SAM-2 weights from %s", path)
+
+
+def _read_sam2_state(path: Path) -> dict[str, Tensor]:
+    """The state dict of a safetensors file, or of an official ``{"model": state_dict}`` ``.pt`` file."""
+    try:
+        if path.suffix == SAFETENSORS_SUFFIX:
+            return load_file(path)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, SafetensorError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise WeightsFormatError(f"SAM-2 checkpoint {path} cannot be read: {first_line}") from error
+    if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
+        raise WeightsFormatError(
+            f"SAM-2 checkpoint {path} has no 'model' state dict (official format: {{'model': state_dict}})"
+        )
+    return payload["model"]
+
+
+def _check_fit(expected: dict[str, Tensor], state: dict[str, Tensor], path: Path) -> None:
+    """Name what does not fit: missing and unexpected keys and tensors of another shape (first few)."""
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    reshaped = [
+        f"{key} {list(state[key].shape)} vs {list(value.shape)}"
+        for key, value in expected.items()
+        if key in state and state[key].shape != value.shape
+    ]
+    problems = [
+        f"{len(keys)} {what} ({', '.join(keys[:SHOWN_KEYS])}{', ...' if len(keys) > SHOWN_KEYS else ''})"
+        for what, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shapes differ", reshaped),
+        )
+        if keys
+    ]
+    if problems:
+        raise WeightsFormatError(
+            f"SAM-2 checkpoint {path} does not fit the configured model (is model.sam2.config_name the "
+            f"checkpoint's size?): {'; '.join(problems)}"
+        )

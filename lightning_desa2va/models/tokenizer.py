@@ -11,10 +11,11 @@ from pathlib import Path
 from string import Formatter
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from lightning_desa2va.data.synthetic import SyntheticConfig
 from lightning_desa2va.data.synthetic_words import vocabulary
+from lightning_desa2va.errors import WeightsFormatError
 
 SEG_TOKEN = "[SEG]"
 IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
@@ -69,6 +70,35 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
         raise FileNotFoundError(f"tokenizer folder not found: {folder}")
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[2:])})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or PAD_TOKEN
+    return tokenizer
+
+
+def load_pretrained_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """A real checkpoint's tokenizer with its chat template, from its processor in a local folder, plus
+    ``[SEG]`` as a new special token (the image and turn tokens are the checkpoint's own).
+
+    The processor is loaded because an ``-hf`` folder may keep the chat template with it alone.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"VLM folder not found: {folder}")
+    try:
+        processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise WeightsFormatError(f"no transformers processor/tokenizer in {folder}: {first_line}") from error
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None:
+        raise WeightsFormatError(f"the processor in {folder} has no tokenizer (an image-text model expected)")
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = getattr(processor, "chat_template", None)
+    if tokenizer.chat_template is None:
+        raise WeightsFormatError(
+            f"no chat template in {folder} (chat_template.jinja or the tokenizer config)"
+        )
+    tokenizer.add_tokens([SEG_TOKEN], special_tokens=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or PAD_TOKEN
     return tokenizer

@@ -25,6 +25,7 @@ from transformers import (
 )
 from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 
+from lightning_desa2va.errors import WeightsFormatError
 from lightning_desa2va.models.tokenizer import IMAGE_CONTEXT_TOKEN, SEG_TOKEN
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class SegTokenVLM(nn.Module):
         self.seg_token_id = seg_token_id
         self.image_size = image_size
         self.image_tokens = image_tokens
+        self.trainable_token_ids: list[int] = []
+        """Tokens whose input embedding rows train under LoRA (new to a pretrained checkpoint, e.g. [SEG])."""
 
     @property
     def hidden_size(self) -> int:
@@ -74,11 +77,16 @@ class SegTokenVLM(nn.Module):
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            pixel_values=pixel_values,
             labels=labels,
             output_hidden_states=True,
+            **self.vision_inputs(input_ids, pixel_values),
         )
         return VLMOutput(seg_hidden=self._seg_states(input_ids, out.hidden_states[-1]), lm_loss=out.loss)
+
+    def vision_inputs(self, input_ids: Tensor, pixel_values: Tensor | None) -> dict[str, Tensor | None]:
+        """The image arguments of the wrapped model's forward for frames [B * T, 3, s, s]: InternVL takes
+        the frames as they are; a model with another image input (Qwen-VL's patches) converts them."""
+        return {"pixel_values": pixel_values}
 
     def _seg_states(self, input_ids: Tensor, hidden: Tensor) -> Tensor:
         is_seg = input_ids == self.seg_token_id
@@ -153,17 +161,39 @@ def load_vlm_weights(model: PreTrainedModel, path: Path) -> None:
     log.info("loaded VLM weights from %s", path)
 
 
-def load_pretrained_vlm(path: str, tokenizer: PreTrainedTokenizerBase) -> SegTokenVLM:
-    """Load a local ``save_pretrained`` folder, growing the embeddings for tokens the tokenizer added."""
+def load_pretrained_vlm(
+    path: str,
+    tokenizer: PreTrainedTokenizerBase,
+    train_tokens: list[str] | None = None,
+    dtype: str = "float32",
+) -> SegTokenVLM:
+    """Load a local InternVL-class ``save_pretrained`` folder (``local_files_only``); ``train_tokens`` (e.g.
+    ``[SEG]``) are the tokens whose input embedding rows stage 2 trains, since a token new to the checkpoint
+    has no pretrained embedding."""
+    model = load_image_text_model(path, tokenizer, dtype)
+    vision = model.config.vision_config
+    image_size = vision.image_size[0] if isinstance(vision.image_size, list | tuple) else vision.image_size
+    vlm = SegTokenVLM(
+        model, tokenizer.convert_tokens_to_ids(SEG_TOKEN), image_size, model.config.image_seq_length
+    )
+    vlm.trainable_token_ids = tokenizer.convert_tokens_to_ids(list(train_tokens or []))
+    return vlm
+
+
+def load_image_text_model(path: str, tokenizer: PreTrainedTokenizerBase, dtype: str) -> PreTrainedModel:
+    """``AutoModelForImageTextToText`` from a local folder, its embeddings grown for tokens the tokenizer
+    added; a folder that is not one is a one-line error naming it."""
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no transformers model folder (config.json) at {folder}")
-    model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            folder, local_files_only=True, dtype=getattr(torch, dtype)
+        )
+    except (OSError, ValueError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise WeightsFormatError(f"{folder} is no loadable image-text model folder: {first_line}") from error
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
-    vision = model.config.vision_config
-    image_size = vision.image_size[0] if isinstance(vision.image_size, list | tuple) else vision.image_size
     log.info("loaded VLM %s from %s", type(model).__name__, folder)
-    return SegTokenVLM(
-        model, tokenizer.convert_tokens_to_ids(SEG_TOKEN), image_size, model.config.image_seq_length
-    )
+    return model

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from abc import abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import lightning.pytorch as pl
 import torch
 import torchmetrics
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from lightning_desa2va.losses import LossTerms
 from lightning_desa2va.metrics import JFMetric, MaskShareMetric, ReferringIoUMetric
@@ -200,10 +201,12 @@ class SegmentationStage(TrainingStage):
         self._evaluate(batch, "test")
 
     def _evaluate(self, batch: dict[str, Any], split: str) -> None:
-        predicted = self.evaluation_logits(batch, split) > 0
+        logits = self.evaluation_logits(batch, split)
+        predicted = logits > 0
         scores, target, types = self.scores[split], batch["target_masks"], batch["expression_type"]
-        scores["jf"].update(predicted, target, types)
-        scores["iou"].update(predicted, target, types)
+        for original_pred, original_target, clip_types in at_original_size(logits, batch):
+            scores["jf"].update(original_pred, original_target, clip_types)
+            scores["iou"].update(original_pred, original_target, clip_types)
         scores["mask_share"].update(
             predicted, target, batch["instance_masks"], batch["object_look_ids"], types
         )
@@ -256,3 +259,21 @@ class SegmentationStage(TrainingStage):
         """Frames back in [0, 1] for people to look at."""
         encoder = self.trainer.datamodule.eval_encoder
         return (frames * encoder.pixel_std[0] + encoder.pixel_mean[0]).clamp(0, 1)
+
+
+def at_original_size(logits: Tensor, batch: dict[str, Any]) -> Iterator[tuple[Tensor, Tensor, list[str]]]:
+    """(predicted masks, ground truth, expression types) to score: the predictions upsampled to each
+    video's original size beside its original-size ground truth (``original_target_masks``), the whole batch
+    at once when every video is at the model's size; batches without originals (training clips) as they
+    are."""
+    types = batch["expression_type"]
+    originals = batch.get("original_target_masks")
+    size = tuple(logits.shape[-2:])
+    if originals is None or all(tuple(target.shape[-2:]) == size for target in originals):
+        target = batch["target_masks"] if originals is None else torch.stack(originals).to(logits.device)
+        yield logits > 0, target, types
+        return
+    for index, target in enumerate(originals):
+        clip = logits[index][None].float()  # [1, T, H, W]: frames as channels, upsampled together
+        upsampled = F.interpolate(clip, size=tuple(target.shape[-2:]), mode="bilinear", align_corners=False)
+        yield upsampled > 0, target[None].to(logits.device), [types[index]]

@@ -4,13 +4,15 @@ Frames and the expression go through the VLM (language model adapted with LoRA);
 decoupled into z_t and z_v, each prompts SAM-2, the two masks are fused, and the triple supervision (plus
 the orthogonality and LM terms) trains it. The model starts from a stage-1 checkpoint (``init_from``).
 Training decodes only the masks the loss weighs or the fusion reads; evaluation only what the fused mask
-needs. Validation also scores the QA turn that follows the ``[SEG]`` answer (exact match under teacher
-forcing) and logs the disentanglement diagnostics (:mod:`lightning_desa2va.diagnostics`).
+needs, on the frames the inference protocol (``eval=per_frame|sa2va|sa2va_i``) decodes. Validation also
+scores the QA turn that follows the ``[SEG]`` answer (exact match under teacher forcing) and logs the
+disentanglement diagnostics (:mod:`lightning_desa2va.diagnostics`).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,8 @@ from lightning_desa2va.data.chat import IGNORE_INDEX
 from lightning_desa2va.diagnostics import DisentanglementMetric, subspace_overlap
 from lightning_desa2va.losses import LossTerms, TripleSupervisionLoss
 from lightning_desa2va.metrics import PerTypeMean
-from lightning_desa2va.models.desa2va import FUSED_ONLY, DeSa2VA, DeSa2VAOutput, MaskRequest
+from lightning_desa2va.models.desa2va import DeSa2VA, DeSa2VAOutput, MaskRequest
+from lightning_desa2va.models.inference import InferenceProtocol, PerFrameInference
 from lightning_desa2va.stages.answers import answer_spans, score_answers
 from lightning_desa2va.stages.base import Optimizer, SegmentationStage
 from lightning_desa2va.stages.checkpoints import load_model_weights
@@ -32,6 +35,8 @@ from lightning_desa2va.stages.checkpoints import load_model_weights
 log = logging.getLogger(__name__)
 
 LORA_PARAMETER_TAG = "lora_"
+TRAINABLE_TOKENS_TAG = "trainable_tokens_delta"
+"""peft's per-token embedding deltas (``trainable_token_indices``): only those rows of the embedding train."""
 SEGMENTATION_ANSWERS = 1
 """Labelled answers before the QA turns in a stage-2 conversation: the ``[SEG]`` answer."""
 
@@ -50,18 +55,23 @@ class DecoupledFinetuneStage(SegmentationStage):
         num_overlays: int,
         lora: LoraConfig | None = None,
         init_from: str | None = None,
-        propagate: bool = False,
+        inference: InferenceProtocol | None = None,
         w_motion: float = 0.0,
         motion_grid: int = 32,
     ) -> None:
         super().__init__(model, optimizer, train_modules, num_overlays, w_motion, motion_grid)
         self.loss = loss
-        self.propagate = propagate
+        self.inference = PerFrameInference() if inference is None else inference
         if init_from is not None:
             load_model_weights(model, Path(init_from))
+        extra: tuple[str, ...] = ()
         if lora is not None:
+            extra = (LORA_PARAMETER_TAG,)
+            if model.vlm.trainable_token_ids:  # new tokens ([SEG]) train their input embedding rows alone
+                lora = replace(lora, trainable_token_indices=model.vlm.trainable_token_ids)
+                extra += (TRAINABLE_TOKENS_TAG,)
             inject_adapter_in_model(lora, model.vlm.language_model)
-        self.select_trainable(extra=(LORA_PARAMETER_TAG,) if lora is not None else ())
+        self.select_trainable(extra=extra)
         self.uses_penalty = loss.uses_orth and model.decoupler.has_penalty
         if loss.uses_orth and not model.decoupler.has_penalty:
             log.warning(
@@ -86,21 +96,19 @@ class DecoupledFinetuneStage(SegmentationStage):
         )
 
     def predict_logits(self, batch: dict[str, Any]) -> Tensor:
-        """Fused masks on every frame, or (``propagate``) on the key frame then tracked by SAM-2's memory."""
-        return self.fused_prediction(batch, self.forward_batch(batch, FUSED_ONLY))
-
-    def fused_prediction(self, batch: dict[str, Any], output: DeSa2VAOutput) -> Tensor:
-        fused = output.fused_logits
-        return self.model.propagate(batch["frames"], fused[:, 0]) if self.propagate else fused
+        """The fused masks of every frame under the inference protocol (config group ``eval``)."""
+        return self.inference(self.model, batch).logits
 
     def evaluation_logits(self, batch: dict[str, Any], split: str) -> Tensor:
         """The fused masks, and on the same forward pass the diagnostics; then QA exact match."""
-        output = self.forward_batch(batch, FUSED_ONLY)
+        result = self.inference(self.model, batch)
         types = batch["expression_type"]
         scores = self.scores[split]
-        scores["diag"].update(output.embeddings.text, output.embeddings.visual, output.gate, types)
+        scores["diag"].update(
+            result.output.embeddings.text, result.output.embeddings.visual, result.output.gate, types
+        )
         self.score_qa(batch, scores["qa"])
-        return self.fused_prediction(batch, output)
+        return result.logits
 
     def score_qa(self, batch: dict[str, Any], metric: PerTypeMean) -> None:
         """Exact match of every QA answer after the ``[SEG]`` answer, under teacher forcing: all its tokens
@@ -109,10 +117,11 @@ class DecoupledFinetuneStage(SegmentationStage):
         labels = batch["labels"]
         if max(len(spans) for spans in answer_spans(labels != IGNORE_INDEX)) <= SEGMENTATION_ANSWERS:
             return  # no QA turn in the batch (data.chat.max_qa_turns = 0 or clips without QA pairs)
-        output = self.model.vlm.model(
+        vlm = self.model.vlm
+        output = vlm.model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
-            pixel_values=batch["vlm_pixels"].flatten(0, 1),
+            **vlm.vision_inputs(batch["input_ids"], batch["vlm_pixels"].flatten(0, 1)),
         )
         hits, types = [], []
         for row, answers in enumerate(score_answers(output.logits, labels).answers):

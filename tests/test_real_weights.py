@@ -1,0 +1,200 @@
+"""Real-weight recipes end to end on tiny checkpoints saved in the real formats (real_weight_folders.py).
+
+``model=internvl_hf`` reads a transformers ``-hf`` folder (tokenizer, chat template, processor) and an
+official SAM-2 ``.pt``; stage 2 trains LoRA and the new ``[SEG]`` embedding row alone; bad weights fail on
+one line.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from lightning_desa2va.cli import main
+from lightning_desa2va.config import compose_config
+from lightning_desa2va.data.chat import IGNORE_INDEX, ChatEncoder, ChatTemplates
+from lightning_desa2va.data.schema import QAPair
+from lightning_desa2va.models.tokenizer import SEG_TOKEN, load_pretrained_tokenizer
+from lightning_desa2va.pipeline import ensure_synthetic_shards, evaluate_checkpoint, train_stage
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
+SMALL_RUN = [
+    "stage=decoupled_finetune",
+    "synthetic.videos={train:2,val:1,test:1}",
+    "trainer.max_steps=2",
+    "trainer.val_check_interval=2",
+    "trainer.log_every_n_steps=1",
+    "data.batch_size=2",
+    "data.eval_batch_size=2",
+    "data.num_workers=0",
+    "data.shuffle_buffer=2",
+    "stage.num_overlays=0",
+]
+EMBEDDING = "model.vlm.model.model.language_model.embed_tokens"
+
+
+@pytest.fixture(scope="module")
+def finetuned(real_weights, tmp_path_factory, in_scratch_folder):
+    """Stage 2 trained 2 steps from the tiny real-format weights, as `desa2va train` runs it."""
+    root = tmp_path_factory.mktemp("finetune")
+    with in_scratch_folder(root) as store:
+        cfg = compose_config([*SMALL_RUN, store, *real_weights.overrides], EXPERIMENTS_DIR)
+        ensure_synthetic_shards(cfg)
+        run = train_stage(cfg, score_test=True)
+        scores, _ = evaluate_checkpoint(cfg, run.checkpoint, "val")
+    state = torch.load(run.checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    return cfg, run, scores, state
+
+
+def test_internvl_hf_folder_trains_stage_two_and_evaluates(finetuned):
+    cfg, run, scores, _ = finetuned
+    assert cfg.run.choices.model == "internvl_hf"
+    for metrics in (run.metrics, run.test_metrics, scores):
+        assert 0.0 <= metrics["JF"] <= 1.0
+    assert scores["JF"] == pytest.approx(run.metrics["JF"])  # the checkpoint reloads into a fresh build
+
+
+def test_only_the_seg_embedding_row_and_lora_train(finetuned, real_weights):
+    cfg, _, _, state = finetuned
+    seg_id = load_pretrained_tokenizer(str(real_weights.vlm_folder)).convert_tokens_to_ids(SEG_TOKEN)
+    pretrained = AutoModelForImageTextToText.from_pretrained(real_weights.vlm_folder, local_files_only=True)
+    saved = pretrained.get_input_embeddings().weight.detach()
+    assert seg_id == saved.shape[0]  # [SEG] is new to the checkpoint: its row was added
+    base = state[f"{EMBEDDING}.token_adapter.base_layer.weight"]  # frozen: the rows as loaded and resized
+    delta = state[f"{EMBEDDING}.token_adapter.trainable_tokens_delta.default"]  # the [SEG] row, trained
+    assert delta.shape == (1, base.shape[1])
+    assert not torch.allclose(delta[0], base[seg_id])  # the [SEG] row moved
+    assert torch.equal(base[:seg_id], saved)  # every pretrained row is untouched
+    lora_b = [value for key, value in state.items() if "lora_B" in key]
+    assert lora_b and all(value.abs().sum() > 0 for value in lora_b)  # LoRA B starts at 0: it trained
+
+
+def test_chat_template_of_the_folder_lays_out_turns_and_labels_only_answers(real_weights):
+    tokenizer = load_pretrained_tokenizer(str(real_weights.vlm_folder))
+    encoder = ChatEncoder(tokenizer, ChatTemplates(), image_tokens=16)
+    chat = encoder.segmentation("the red square", 2, [QAPair("what colour is it ?", "red")])
+    tokens = tokenizer.convert_ids_to_tokens(chat.input_ids.tolist())
+    labelled = [
+        token for token, label in zip(tokens, chat.labels.tolist(), strict=True) if label != IGNORE_INDEX
+    ]
+    assert labelled == ["sure", ",", SEG_TOKEN, ".", "<|im_end|>", "red", "<|im_end|>"]
+    assert tokens[:3] == ["<|im_start|>", "user", "<img>"]
+    assert tokens.count("<IMG_CONTEXT>") == 2 * 16
+    assert tokens.count("<|im_start|>") == 4  # user, assistant, user, assistant: the template's turns
+
+
+@pytest.mark.parametrize(
+    ("experiment", "folder"), [("desa2va_1b", "InternVL3-1B-hf"), ("desa2va_4b", "InternVL3-2B-hf")]
+)
+def test_real_recipes_compose_sa2va_values_and_stage_two_lora(experiment, folder):
+    text = compose_config([f"experiment={experiment}", "stage=text_pretrain"], EXPERIMENTS_DIR)
+    finetune = compose_config([f"experiment={experiment}", "stage=decoupled_finetune"], EXPERIMENTS_DIR)
+    for cfg in (text, finetune):
+        assert cfg.model.vlm.path == f"weights/{folder}"
+        assert cfg.model.sam2.checkpoint == "weights/sam2.1_hiera_large.pt"
+        assert (cfg.trainer.accelerator, cfg.trainer.precision) == ("gpu", "bf16-mixed")
+        assert cfg.stage.optimizer.lr == pytest.approx(4e-5)
+        assert cfg.data.num_frames == (2 if cfg is text else 5)  # stage 1 reads 2 frames, as in the default
+    assert "lora" not in text.stage
+    assert (finetune.stage.lora.r, finetune.stage.lora.lora_alpha) == (128, 256)
+    moved = compose_config([f"experiment={experiment}", "paths.weights_dir=/data/w"], EXPERIMENTS_DIR)
+    assert moved.model.vlm.path == f"/data/w/{folder}"
+
+
+def test_missing_vlm_folder_is_one_line(real_weights, capsys):
+    absent = real_weights.weights_dir / "InternVL3-absent-hf"
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "--experiments-dir",
+                str(EXPERIMENTS_DIR),
+                "train",
+                *real_weights.overrides,
+                f"model.folder={absent}",
+            ]
+        )
+    assert exit_info.value.code == 2
+    assert _error_line(capsys) == f"desa2va: error: VLM folder not found: {absent}"
+
+
+def test_folder_without_a_model_is_one_line(real_weights, tmp_path, capsys):
+    tokenizer_only = tmp_path / "tokenizer-only"
+    shutil.copytree(
+        real_weights.vlm_folder, tokenizer_only, ignore=shutil.ignore_patterns("config.json", "*.safetensors")
+    )
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "--experiments-dir",
+                str(EXPERIMENTS_DIR),
+                "train",
+                *real_weights.overrides,
+                f"model.folder={tokenizer_only}",
+            ]
+        )
+    assert (
+        _error_line(capsys)
+        == f"desa2va: error: no transformers model folder (config.json) at {tokenizer_only}"
+    )
+
+
+def test_sam2_checkpoint_of_another_size_is_one_line(real_weights, compose, tmp_path, capsys):
+    sam2 = compose().model.sam2
+    wider = [o for o in sam2.overrides if "neck.d_model" not in o] + ["model.image_encoder.neck.d_model=32"]
+    from real_weight_folders import write_sam2_pt
+
+    other = write_sam2_pt(tmp_path / "sam2_other.pt", sam2.config_name, wider)
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "--experiments-dir",
+                str(EXPERIMENTS_DIR),
+                "train",
+                *real_weights.overrides,
+                f"model.sam2.checkpoint={other}",
+            ]
+        )
+    message = _error_line(capsys)
+    assert message.startswith(f"desa2va: error: SAM-2 checkpoint {other} does not fit the configured model")
+    assert "shapes differ" in message
+
+
+def test_sam2_file_that_is_no_checkpoint_is_one_line(real_weights, tmp_path, capsys):
+    garbage = tmp_path / "sam2_garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "--experiments-dir",
+                str(EXPERIMENTS_DIR),
+                "train",
+                *real_weights.overrides,
+                f"model.sam2.checkpoint={garbage}",
+            ]
+        )
+    message = _error_line(capsys)
+    assert message.startswith(f"desa2va: error: SAM-2 checkpoint {garbage} cannot be read")
+
+
+def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    """The CLI's error: its last line of stderr, with no traceback before it (loading bars may be)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def test_qwen2_5_vl_folder_trains_stage_two_with_its_vision_tokens(real_weights, tmp_path, in_scratch_folder):
+    with in_scratch_folder(tmp_path) as store:
+        cfg = compose_config([*SMALL_RUN, store, *real_weights.qwen_overrides], EXPERIMENTS_DIR)
+        ensure_synthetic_shards(cfg)
+        run = train_stage(cfg)
+    assert 0.0 <= run.metrics["JF"] <= 1.0
+    state = torch.load(run.checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    base = state[f"{EMBEDDING}.token_adapter.base_layer.weight"]
+    delta = state[f"{EMBEDDING}.token_adapter.trainable_tokens_delta.default"]
+    assert not torch.allclose(delta[0], base[-1])  # [SEG], the last row, moved
+    assert all(value.abs().sum() > 0 for key, value in state.items() if "lora_B" in key)
