@@ -34,6 +34,8 @@ SMALL_RUN = [
     "data.shuffle_buffer=2",
     "stage.num_overlays=0",
 ]
+PREDICT_VIDEO_SIZE = 96  # the video's own size; the tiny SAM-2 reads 128
+PREDICT_FRAMES = 4
 EMBEDDING = "model.vlm.model.model.language_model.embed_tokens"
 
 
@@ -56,6 +58,28 @@ def test_internvl_hf_folder_trains_stage_two_and_evaluates(finetuned):
     for metrics in (run.metrics, run.test_metrics, scores):
         assert 0.0 <= metrics["JF"] <= 1.0
     assert scores["JF"] == pytest.approx(run.metrics["JF"])  # the checkpoint reloads into a fresh build
+
+
+def test_the_finetuned_internvl_hf_model_predicts_a_video_under_sa2va(finetuned, tmp_path):
+    """`desa2va predict`'s code path on the real-format model: key frames through the folder's chat
+    template, SAM-2 memory through the rest, one mask a frame at the video's size."""
+    from PIL import Image
+
+    from lightning_desa2va.data.synthetic import SyntheticConfig, render_video
+    from lightning_desa2va.predict import predict
+
+    cfg, run, _, _ = finetuned
+    video = render_video(SyntheticConfig(image_size=PREDICT_VIDEO_SIZE, num_frames=PREDICT_FRAMES), 0, "clip")
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for index, frame in enumerate(video.frames):
+        Image.fromarray(frame).save(frames / f"{index:03d}.png")
+    sa2va = compose_config([*cfg.run.overrides, "eval=sa2va", "eval.key_frames=2"], EXPERIMENTS_DIR)
+    result = predict(
+        sa2va, frames, video.sample.expressions[0].text, run.checkpoint, tmp_path / "out", "gif", 5.0
+    )
+    assert result.masks.shape == (PREDICT_FRAMES, PREDICT_VIDEO_SIZE, PREDICT_VIDEO_SIZE)
+    assert len(list((tmp_path / "out").glob("mask_*.png"))) == PREDICT_FRAMES
 
 
 def test_only_the_seg_embedding_row_and_lora_train(finetuned, real_weights):
