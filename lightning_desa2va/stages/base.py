@@ -65,6 +65,7 @@ class TrainingStage(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.train_modules = list(train_modules)
         self.last_validated_step: int | None = None
+        self.trainable_extra: tuple[str, ...] = ()  # parameter-name parts trained beside train_modules
 
     def select_trainable(self, extra: Iterable[str] = ()) -> None:
         """Freeze everything, then unfreeze the configured submodules and parameters named in ``extra``."""
@@ -76,16 +77,20 @@ class TrainingStage(pl.LightningModule):
                 raise ValueError(
                     f"stage.train_modules names '{name}', which the model does not have"
                 ) from error
+        self.trainable_extra = tuple(extra)
         for name, parameter in self.model.named_parameters():
-            if any(part in name for part in extra):
+            if any(part in name for part in self.trainable_extra):
                 parameter.requires_grad_(True)
+
+    def on_fit_start(self) -> None:
+        """Report what trains when training starts (evaluating a checkpoint trains nothing)."""
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         log.info(
             "%s trains %d of %d parameters:\n%s",
             type(self).__name__,
             trainable,
             self.model_size,
-            self.trainable_table(extra),
+            self.trainable_table(self.trainable_extra),
         )
 
     def trainable_table(self, extra: Iterable[str] = ()) -> str:
