@@ -235,8 +235,9 @@ def test_the_default_checkpoint_keys_are_those_of_the_linear_decoupler(make_mode
 def test_the_start_of_a_stage_reports_trainable_parameters_per_module(
     make_model, build_stage, caplog
 ) -> None:
+    _, model, stage = stage_2(make_model, build_stage, "decoupler=orthogonal")
     with caplog.at_level(logging.INFO, logger="lightning_desa2va.stages.base"):
-        _, model, _ = stage_2(make_model, build_stage, "decoupler=orthogonal")
+        stage.on_fit_start()  # what Lightning calls when training starts
     rows = {line.split()[0]: line.split()[1:] for line in caplog.text.splitlines() if line.strip()}
 
     def count(parameters) -> str:
