@@ -166,22 +166,20 @@ def test_folder_without_a_model_is_one_line(real_weights, tmp_path, capsys):
     )
 
 
+def train_with_sam2_checkpoint(real_weights, checkpoint: Path) -> None:
+    """`desa2va train` on the real-format model with another SAM-2 file; a user error exits."""
+    with pytest.raises(SystemExit):
+        main(["--experiments-dir", str(EXPERIMENTS_DIR), "train", *real_weights.overrides,
+              f"model.sam2.checkpoint={checkpoint}"])  # fmt: skip
+
+
 def test_sam2_checkpoint_of_another_size_is_one_line(real_weights, compose, tmp_path, capsys):
     sam2 = compose().model.sam2
     wider = [o for o in sam2.overrides if "neck.d_model" not in o] + ["model.image_encoder.neck.d_model=32"]
     from real_weight_folders import write_sam2_pt
 
     other = write_sam2_pt(tmp_path / "sam2_other.pt", sam2.config_name, wider)
-    with pytest.raises(SystemExit):
-        main(
-            [
-                "--experiments-dir",
-                str(EXPERIMENTS_DIR),
-                "train",
-                *real_weights.overrides,
-                f"model.sam2.checkpoint={other}",
-            ]
-        )
+    train_with_sam2_checkpoint(real_weights, other)
     message = _error_line(capsys)
     assert message.startswith(f"desa2va: error: SAM-2 checkpoint {other} does not fit the configured model")
     assert "shapes differ" in message
@@ -190,16 +188,7 @@ def test_sam2_checkpoint_of_another_size_is_one_line(real_weights, compose, tmp_
 def test_sam2_file_that_is_no_checkpoint_is_one_line(real_weights, tmp_path, capsys):
     garbage = tmp_path / "sam2_garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit):
-        main(
-            [
-                "--experiments-dir",
-                str(EXPERIMENTS_DIR),
-                "train",
-                *real_weights.overrides,
-                f"model.sam2.checkpoint={garbage}",
-            ]
-        )
+    train_with_sam2_checkpoint(real_weights, garbage)
     message = _error_line(capsys)
     assert message.startswith(f"desa2va: error: SAM-2 checkpoint {garbage} cannot be read")
 
