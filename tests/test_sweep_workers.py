@@ -21,7 +21,8 @@ NOTEBOOK_TIMEOUT_S = 300
 def shared_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("workers")
     space = {"decoupler": {"type": "categorical", "choices": ["linear", "orthogonal"]}}
-    run_sweep_process(root, write_spec(root, "workers", space), "--workers", "2")
+    # a DataLoader worker of its own in each sweep worker, as the packaged data config has
+    run_sweep_process(root, write_spec(root, "workers", space), "--workers", "2", "data.num_workers=1")
     return root
 
 

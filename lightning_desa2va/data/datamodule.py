@@ -39,6 +39,9 @@ from lightning_desa2va.data.shards import (
 log = logging.getLogger(__name__)
 
 TRAIN, VAL, TEST = "train", "val", "test"
+# The pipelines hold closures (error handlers, encoders) that only a forked loader worker inherits; a process
+# whose default start method is spawn (a sweep worker) or forkserver (Python 3.14) cannot pickle them.
+LOADER_START_METHOD = "fork"
 
 
 @dataclass
@@ -192,6 +195,7 @@ class RefVOSDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=lambda samples: collate_clips(samples, self.tokenizer.pad_token_id),
             persistent_workers=self.num_workers > 0,
+            multiprocessing_context=LOADER_START_METHOD if self.num_workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:
