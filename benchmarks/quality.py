@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from lightning_desa2va.console import print_table, quiet_third_party_output
 from lightning_desa2va.tuning.spec import load_spec
-from lightning_desa2va.tuning.sweep import run_sweep, summary_lines
+from lightning_desa2va.tuning.sweep import nothing_completed, run_sweep, summary_lines
 
 SPEC = Path(__file__).resolve().parents[1] / "sweeps" / "quality.yaml"
 
@@ -35,6 +36,9 @@ def main() -> None:
     result = run_sweep(load_spec(SPEC, args.profile), args.overrides, workers=args.workers)
     assert result.report is not None  # quality.yaml is an ablation grid
     print_table(result.report.table, summary_lines(result))
+    failure = nothing_completed(result)
+    if failure:
+        sys.exit(failure)
 
 
 if __name__ == "__main__":

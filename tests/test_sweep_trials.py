@@ -1,5 +1,6 @@
 """A study in one process: a trial that raises is failed and the next one runs; a pruned trial is pruned in
-Optuna and shows so in MLflow; runs nest study > trial > stage and name what varies."""
+Optuna and shows so in MLflow; runs nest study > trial > stage and name what varies; a study where no trial
+completed ends the command with an error."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from sweep_runs import EXPERIMENTS, mlflow_runs, tracking_uri, write_spec
 
+from lightning_desa2va.cli import main
 from lightning_desa2va.tuning.spec import load_spec
 from lightning_desa2va.tuning.sweep import run_sweep
 
@@ -69,3 +71,10 @@ def test_runs_nest_study_trial_stage_and_are_named_by_what_varies(failed_and_pru
     client = MlflowClient(tracking_uri(root))
     assert client.get_experiment_by_name("trials").tags["mlflow.experimentKind"] == "custom_model_development"
     assert Path(result.folder, "trials.csv").is_file()
+
+
+def test_a_sweep_where_every_trial_failed_exits_with_an_error(tmp_path, in_scratch_folder):
+    spec = write_spec(tmp_path, "all_failed", {LR: {"type": "categorical", "choices": [-1.0]}})
+    with in_scratch_folder(tmp_path) as store, pytest.raises(SystemExit) as stop:
+        main(["--experiments-dir", str(EXPERIMENTS), "sweep", str(spec), store])
+    assert str(stop.value.code).startswith("desa2va: error: study all_failed: no trial completed (1 failed")

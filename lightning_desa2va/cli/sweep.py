@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from lightning_desa2va.cli.help import add_command
@@ -27,7 +28,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def _sweep(args: argparse.Namespace) -> None:
     from lightning_desa2va.tuning.spec import SweepSpecError, load_spec
-    from lightning_desa2va.tuning.sweep import run_sweep, summary_lines
+    from lightning_desa2va.tuning.sweep import nothing_completed, run_sweep, summary_lines
 
     if args.workers < 1:
         raise SweepSpecError(f"--workers must be at least 1, got {args.workers}")
@@ -37,5 +38,9 @@ def _sweep(args: argparse.Namespace) -> None:
     if result.report is None:
         for line in lines:
             print(line)
-        return
-    print_table(result.report.table, [f"chart and table: {', '.join(map(str, result.report.files))}", *lines])
+    else:
+        files = ", ".join(map(str, result.report.files))
+        print_table(result.report.table, [f"chart and table: {files}", *lines])
+    failure = nothing_completed(result)
+    if failure:
+        sys.exit(f"desa2va: error: {failure}")

@@ -189,3 +189,15 @@ def summary_lines(result: SweepResult) -> list[str]:
         lines.append(f"best trial {best.number} ({best.user_attrs.get('run_name')}): {best.value:.4f}")
     lines.append(f"study files in {result.folder}; MLflow parent run {result.parent_run_id}")
     return lines
+
+
+def nothing_completed(result: SweepResult) -> str | None:
+    """Why a study that ended without one complete trial failed (a command then exits non-zero: there is
+    nothing to compare), or None."""
+    counts = count_trials(result.study)
+    if counts.complete or not counts.failed:
+        return None
+    return (
+        f"study {result.study.study_name}: no trial completed ({counts.failed} failed, {counts.pruned} "
+        f"pruned; their errors are in the log above); fix the cause and remove {result.folder} to start over"
+    )
