@@ -66,10 +66,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    results = {
-        name: seconds_per_step(overrides, args.data_dir, args.steps, args.batch_size)
-        for name, overrides in VARIANTS.items()
-    }
+    try:
+        results = {
+            name: seconds_per_step(overrides, args.data_dir, args.steps, args.batch_size)
+            for name, overrides in VARIANTS.items()
+        }
+    except FileNotFoundError as error:
+        parser.exit(2, f"step_time: {error} (`desa2va demo` writes the synthetic shards there)\n")
     baseline = next(iter(results.values()))
     table = Table(title=f"stage-2 training step, batch {args.batch_size}, {torch.get_num_threads()} threads")
     for column in ("variant", "s / step", "ratio to baseline"):

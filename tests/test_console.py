@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_desa2va.callbacks import StepProgressBar
-from lightning_desa2va.cli import build_parser
+from lightning_desa2va.cli import build_parser, parse_arguments
 from lightning_desa2va.config import config_groups
 from lightning_desa2va.console import TextTable, print_table, quiet_third_party_output
 from lightning_desa2va.report import COLUMNS, summary_table
@@ -63,6 +63,22 @@ def test_help_lists_every_subcommand_with_an_example() -> None:
     for command in ("train", "eval", "demo", "pretrain-tiny", "shards"):
         assert f"    {command} " in text, command
         assert f"desa2va {command}" in text, command
+
+
+def test_overrides_may_come_before_and_after_the_options() -> None:
+    argv = ["sweep", "spec.yaml", "decoupler=mlp", "--workers", "2", "num_threads=1", "data.num_workers=0"]
+    args = parse_arguments(build_parser(), argv)
+    assert args.workers == 2
+    assert args.overrides == ["decoupler=mlp", "num_threads=1", "data.num_workers=0"]
+
+
+@pytest.mark.parametrize(
+    "argv", [["sweep", "spec.yaml", "x=1", "--wrokers", "2"], ["shards", "synthetic", "--out", "data", "x=1"]]
+)
+def test_an_unknown_option_or_an_override_where_none_are_taken_is_refused(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_arguments(build_parser(), argv)
+    assert exit_info.value.code == 2
 
 
 @pytest.mark.parametrize("command", ["train", "eval", "demo"])

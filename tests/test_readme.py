@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_desa2va.cli import build_parser
+from lightning_desa2va.cli import build_parser, parse_arguments
 from lightning_desa2va.config import compose_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def test_every_make_command_in_readme_names_a_real_target(command: str) -> None:
 @pytest.mark.parametrize("command", fenced_commands("desa2va"))
 def test_every_desa2va_command_in_readme_parses_and_composes(command: str) -> None:
     words = shlex.split(command)[1:]
-    args = build_parser().parse_args(words)  # exits (SystemExit) on an unknown subcommand or option
+    args = parse_arguments(build_parser(), words)  # exits (SystemExit) on an unknown subcommand or option
     overrides = getattr(args, "overrides", None)
     if words[0] in OVERRIDE_COMMANDS and overrides is not None:
         compose_config(list(overrides), REPO_ROOT / "experiments")

@@ -37,7 +37,7 @@ USER_ERRORS = (
 def main(argv: list[str] | None = None) -> None:
     """Parse the subcommand and run it; bad input ends with its message alone, not a traceback."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Lightning prints its own messages through its own handler; propagating them too would print twice.
     logging.getLogger(LIGHTNING_LOGGER).propagate = False
@@ -48,6 +48,21 @@ def main(argv: list[str] | None = None) -> None:
         # Hydra wraps what a component raised while being built; its cause names the bad input.
         cause = error.__cause__ if isinstance(error, InstantiationException) and error.__cause__ else error
         parser.exit(2, f"desa2va: error: {cause}\n")
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``, letting overrides also follow the options (``sweep SPEC --workers 2 x=1``).
+
+    argparse fills a subcommand's list of overrides where its positionals start, so overrides written
+    after an option come back unrecognised; those join the overrides, anything else is an error."""
+    args, leftover = parser.parse_known_args(argv)
+    takes_overrides = hasattr(args, "overrides")
+    unrecognised = [arg for arg in leftover if arg.startswith("-") or not takes_overrides]
+    if unrecognised:
+        parser.error(f"unrecognized arguments: {' '.join(unrecognised)}")
+    if leftover:
+        args.overrides = [*args.overrides, *leftover]
+    return args
 
 
 def build_parser() -> argparse.ArgumentParser:
