@@ -51,8 +51,11 @@ def rich_table(table: TextTable) -> Table:
 
 
 def markdown_table(table: TextTable) -> str:
-    """The table as GitHub markdown, under its title."""
-    widths = [max(len(cell) for cell in column) for column in zip(table.headers, *table.rows, strict=True)]
+    """The table as GitHub markdown, under its title; a ``|`` inside a cell (``|cos(zt,zv)|``) is escaped,
+    or it would split the cell."""
+    headers = [cell.replace("|", "\\|") for cell in table.headers]
+    rows = [[cell.replace("|", "\\|") for cell in row] for row in table.rows]
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
 
     def line(cells: Sequence[str]) -> str:
         padded = [
@@ -62,7 +65,7 @@ def markdown_table(table: TextTable) -> str:
         return "| " + " | ".join(padded) + " |"
 
     rule = ["-" * widths[0], *("-" * (width - 1) + ":" for width in widths[1:])]
-    return "\n".join([f"{table.title}\n", line(table.headers), line(rule), *map(line, table.rows)])
+    return "\n".join([f"{table.title}\n", line(headers), line(rule), *map(line, rows)])
 
 
 def print_table(table: TextTable, lines_after: Sequence[str] = (), stream: TextIO | None = None) -> None:

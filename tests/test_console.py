@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from lightning_desa2va.callbacks import StepProgressBar
 from lightning_desa2va.cli import build_parser, parse_arguments
 from lightning_desa2va.config import config_groups
-from lightning_desa2va.console import TextTable, print_table, quiet_third_party_output
+from lightning_desa2va.console import TextTable, markdown_table, print_table, quiet_third_party_output
 from lightning_desa2va.report import COLUMNS, summary_table
 
 ROWS = {
@@ -39,6 +39,15 @@ def test_summary_table_piped_to_a_file_keeps_every_header_and_figure_whole() -> 
     assert "folder/" * 20 in text
     lines = [line for line in text.splitlines() if line.startswith("|")]
     assert len(lines) == 2 + len(ROWS) and len({len(line) for line in lines}) == 1  # aligned columns
+
+
+def test_a_pipe_inside_a_markdown_cell_is_escaped_so_the_row_keeps_its_columns() -> None:
+    table = TextTable("diagnostics", ["variant", "|cos(zt,zv)|"])
+    table.add_row("a|b", "0.037")
+    lines = markdown_table(table).splitlines()[2:]
+    assert lines[0] == "| variant | \\|cos(zt,zv)\\| |"
+    assert lines[2] == "| a\\|b    |          0.037 |"
+    assert {line.replace("\\|", "").count("|") for line in lines} == {3}
 
 
 def test_a_table_too_wide_for_the_terminal_prints_as_markdown(monkeypatch: pytest.MonkeyPatch) -> None:
