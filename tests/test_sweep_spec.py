@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 
 from lightning_desa2va.cli import main
 from lightning_desa2va.config import config_groups
-from lightning_desa2va.tuning.ablation import BASELINE_LABEL, ablation_table, collect_variants
+from lightning_desa2va.tuning.ablation import BASELINE_LABEL, ablation_table, chart_label, collect_variants
 from lightning_desa2va.tuning.objective import TEST_ATTR
 from lightning_desa2va.tuning.spec import (
     SweepSpecError,
@@ -110,6 +110,16 @@ def test_an_ablation_covers_every_variant_of_its_group_and_the_baseline(group):
         assert set(config_groups()[group]) <= set(choices)
         assert spec.baseline in choices and spec.ablation
     assert load_spec(SWEEPS / f"ablate_{group}.yaml").seeds == 3
+
+
+def test_a_chart_label_puts_one_override_a_line_and_the_baseline_note_on_its_own():
+    label = f"experiment=sa2va_baseline motion_prompt=none ({BASELINE_LABEL})"
+    assert chart_label(label).splitlines() == [
+        "experiment=sa2va_baseline",
+        "motion_prompt=none",
+        f"({BASELINE_LABEL})",
+    ]
+    assert chart_label("linear_ortho") == "linear_ortho"
 
 
 def test_the_ablation_table_names_every_variant_and_the_baseline_with_mean_and_std():

@@ -7,6 +7,7 @@ and is written as markdown with a bar chart of J&F per expression type (error ba
 
 from __future__ import annotations
 
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,10 @@ BASELINE_LABEL = "Sa2VA baseline"
 MISSING = "-"
 CHART_FILE = "ablation.png"
 TABLE_FILE = "ablation.md"
+MIN_GROUP_INCHES = 1.6
+LABEL_CHAR_INCHES = 0.11
+"""A bar group's width in inches: at least 1.6, else its longest label line at font size 8 (~0.11 in a
+character, the axes' margins included)."""
 
 
 @dataclass
@@ -94,6 +99,11 @@ def ablation_table(spec: SweepSpec, variants: list[Variant]) -> TextTable:
     return table
 
 
+def chart_label(label: str) -> str:
+    """One override a line, the baseline's note on its own, so a group's label is no wider than its bars."""
+    return re.sub(r" (?=\S+=|\()", "\n", label)
+
+
 def bar_chart(variants: list[Variant], title: str, path: Path) -> Path:
     """Grouped bars: J&F overall and per expression type for every variant, std over seeds as error bars."""
     import matplotlib
@@ -101,17 +111,20 @@ def bar_chart(variants: list[Variant], title: str, path: Path) -> Path:
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    figure, axes = pyplot.subplots(figsize=(max(6.0, 1.6 * len(variants)), 4.0))
+    labels = [chart_label(variant.label) for variant in variants]
+    longest = max(len(line) for label in labels for line in label.splitlines())
+    group_inches = max(MIN_GROUP_INCHES, LABEL_CHAR_INCHES * longest)
+    figure, axes = pyplot.subplots(figsize=(max(6.0, group_inches * len(variants)), 4.0))
     width = 0.8 / len(JF_COLUMNS)
     for index, (metric, header) in enumerate(JF_COLUMNS.items()):
         stats = [variant.mean_std(metric) or (0.0, 0.0) for variant in variants]
         positions = [x + (index - (len(JF_COLUMNS) - 1) / 2) * width for x in range(len(variants))]
         axes.bar(positions, [m for m, _ in stats], width, yerr=[s for _, s in stats], capsize=3, label=header)
-    axes.set_xticks(range(len(variants)), [variant.label for variant in variants], rotation=20, ha="right")
+    axes.set_xticks(range(len(variants)), labels, fontsize=8)
     axes.set_ylabel("J&F on test")
     axes.set_ylim(0.0, 1.0)
     axes.set_title(title, fontsize=9)
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     figure.savefig(path, dpi=100, bbox_inches="tight")
     pyplot.close(figure)
     return path
