@@ -53,8 +53,7 @@ def rich_table(table: TextTable) -> Table:
 def markdown_table(table: TextTable) -> str:
     """The table as GitHub markdown, under its title; a ``|`` inside a cell (``|cos(zt,zv)|``) is escaped,
     or it would split the cell."""
-    headers = [cell.replace("|", "\\|") for cell in table.headers]
-    rows = [[cell.replace("|", "\\|") for cell in row] for row in table.rows]
+    headers, *rows = [[cell.replace("|", "\\|") for cell in row] for row in (table.headers, *table.rows)]
     widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
 
     def line(cells: Sequence[str]) -> str:
