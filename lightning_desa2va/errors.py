@@ -20,3 +20,20 @@ class ExpressionError(ValueError):
 class WeightsFormatError(ValueError):
     """A checkpoint or model folder that exists but cannot be loaded as configured (the message names it
     and says what is wrong, on one line)."""
+
+
+class RunInterrupted(BaseException):
+    """SIGTERM or SIGINT stopped a run after it saved what it had (its ``last.ckpt``); commands exit with
+    ``128 + signum`` (143 for SIGTERM, 130 for SIGINT), as a shell reports a process ended by that signal.
+
+    A ``BaseException``, like ``KeyboardInterrupt``: handlers of ordinary errors (a sweep that fails a trial
+    and goes on, cleanup that records a failure) must not swallow a request to stop.
+    """
+
+    def __init__(self, signum: int, detail: str) -> None:
+        super().__init__(detail)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
