@@ -8,8 +8,17 @@ the expression when it beats this baseline, per expression type.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import torch
+from lightning.pytorch.loggers import Logger
 from torch import Tensor
+
+from lightning_desa2va.data.datamodule import VAL, RefVOSDataModule
+from lightning_desa2va.metrics import JFMetric
+
+UNION_BASELINE = "union_baseline"
 
 BACKGROUND_ID = 0
 """Instance id of background pixels in per-frame instance masks."""
@@ -24,3 +33,22 @@ def union_of_objects(instance_masks: Tensor) -> Tensor:
     if instance_masks.dtype == torch.bool or instance_masks.is_floating_point():
         raise TypeError(f"instance_masks must hold integer ids, got {instance_masks.dtype}")
     return instance_masks > BACKGROUND_ID
+
+
+def union_baseline_scores(loader: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """J&F of the union-of-objects prediction over every batch of ``loader``."""
+    metric = JFMetric()
+    for batch in loader:
+        metric.update(
+            union_of_objects(batch["instance_masks"]), batch["target_masks"], batch["expression_type"]
+        )
+    return metric.compute()
+
+
+def score_union_baseline(datamodule: RefVOSDataModule, logger: Logger | None, split: str) -> dict[str, float]:
+    """J&F on ``split`` of predicting every object of the clip: what segmenting without referring gets."""
+    loader = datamodule.val_dataloader() if split == VAL else datamodule.test_dataloader()
+    scores = union_baseline_scores(loader)
+    if logger is not None:
+        logger.log_metrics({f"{split}/{UNION_BASELINE}/{name}": value for name, value in scores.items()})
+    return scores

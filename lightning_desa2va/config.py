@@ -2,9 +2,10 @@
 
 The packaged tree ``lightning_desa2va/configs`` has one group per swappable component; experiment YAMLs in
 ``experiments/`` are registered as the ``experiment`` group, so ``experiment=desa2va_tiny`` applies one.
-Hydra already rejects overrides of keys that do not exist; :func:`validate_config` adds the two checks
-Hydra cannot make on plain YAML: every key of a ``_target_`` node must be an argument of that target, and
-its value must fit the argument's type hint. Errors name the full key.
+Hydra already rejects overrides of keys that do not exist; :func:`validate_config` adds the checks Hydra
+cannot make on plain YAML: every key of a ``_target_`` node must be an argument of that target, its value must
+fit the argument's type hint, and numbers must lie in their range
+(:data:`~lightning_desa2va.config_bounds.VALUE_BOUNDS`, declared beside the schema). Errors name the full key.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+
+from lightning_desa2va.config_bounds import bound_violation
 
 CONFIG_MODULE = "lightning_desa2va.configs"
 HYDRA_VERSION_BASE = "1.3"
@@ -110,8 +113,13 @@ class RunConfig:
     seed: int = 0
     num_threads: int | None = None
     resume_from: str | None = None
+    resume: str | None = None
+    """``auto``: continue the newest unfinished run of the same experiment (and config), else start one."""
     pipeline: PipelineConfig = field(default_factory=lambda: PipelineConfig())
     run: RunInfo = field(default_factory=RunInfo)
+
+
+RESUME_CHOICES = (None, "auto")
 
 
 def register_experiments(experiments_dir: Path) -> list[str]:
@@ -183,13 +191,19 @@ def config_groups() -> dict[str, list[str]]:
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Check the top level against :class:`RunConfig` and every ``_target_`` node against its target."""
+    """Check the top level against :class:`RunConfig`, every ``_target_`` node against its target and the
+    numbers against their bounds."""
     top_level = OmegaConf.to_container(cfg, resolve=False)
     try:
         OmegaConf.merge(OmegaConf.structured(RunConfig), top_level)
     except Exception as error:  # OmegaConf raises several error types, all naming the key
         raise ConfigError(f"invalid run config: {error}") from error
+    if cfg.get("resume") not in RESUME_CHOICES:
+        raise ConfigError(f"config key 'resume' has value {cfg.resume!r}: use resume=auto (or leave it null)")
     _validate_node(cfg, "")
+    violation = bound_violation(OmegaConf.to_container(cfg, resolve=True))
+    if violation is not None:
+        raise ConfigError(violation)
 
 
 def _validate_node(node: Any, path: str) -> None:

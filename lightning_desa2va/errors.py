@@ -22,6 +22,15 @@ class WeightsFormatError(ValueError):
     and says what is wrong, on one line)."""
 
 
+class ResumeError(ValueError):
+    """A run that cannot be continued as asked (composed differently, another tracking URI, still running)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss: stopping beats training on garbage (the message names the
+    step, the loss term, the batch's videos and the last good checkpoint)."""
+
+
 class RunInterrupted(BaseException):
     """SIGTERM or SIGINT stopped a run after it saved what it had (its ``last.ckpt``); commands exit with
     ``128 + signum`` (143 for SIGTERM, 130 for SIGINT), as a shell reports a process ended by that signal.

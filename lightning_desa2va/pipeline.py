@@ -1,30 +1,25 @@
-"""The jobs behind the CLI: train one stage, evaluate a checkpoint, and the full pipeline.
+"""The jobs behind the CLI beyond one stage: the full pipeline, and scoring a checkpoint.
 
-:func:`train_stage` composes nothing itself: it builds a run config's parts, trains them with a Lightning
-``Trainer`` in the run's own folder (:mod:`lightning_desa2va.runs`), then scores the final model on val (and
-optionally test) beside the union-of-objects baseline, all logged to the run. :func:`run_pipeline` trains the
-stages ``pipeline.stages`` lists, each from the checkpoint of the one before: ``desa2va demo`` runs it, and so
-does every trial of a sweep or ablation (which add callbacks and tags, never their own training loop).
+:func:`run_pipeline` trains the stages ``pipeline.stages`` lists, each from the checkpoint of the one before
+(:func:`~lightning_desa2va.training.train_stage` trains each in a run of its own): ``desa2va demo`` runs it,
+and so does every trial of a sweep or ablation (which add callbacks and tags, never their own training loop).
+A pipeline keeps a record of its stage runs, so a pipeline that was stopped continues where it stopped.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
-import lightning.pytorch as pl
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import Logger, MLFlowLogger
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
-from lightning_desa2va.baselines import union_of_objects
+from lightning_desa2va.baselines import union_baseline_scores
 from lightning_desa2va.build import build_components
-from lightning_desa2va.config import compose_config, save_config
-from lightning_desa2va.data.datamodule import TEST, TRAIN, VAL, RefVOSDataModule
+from lightning_desa2va.config import compose_config
+from lightning_desa2va.data.datamodule import VAL
 from lightning_desa2va.data.schema import SCHEMA_VERSION
 from lightning_desa2va.data.shards import (
     SYNTHETIC_GENERATOR,
@@ -35,39 +30,31 @@ from lightning_desa2va.data.shards import (
     write_synthetic_benchmark,
 )
 from lightning_desa2va.data.synthetic import SyntheticConfig
-from lightning_desa2va.metrics import JFMetric
+from lightning_desa2va.errors import ResumeError
+from lightning_desa2va.resume import checked, config_differences
 from lightning_desa2va.runs import (
-    CHECKPOINTS_DIR,
-    RunRecord,
-    new_run_dir,
+    FINISHED,
+    PIPELINE_FILE,
+    PIPELINES_DIR,
+    PipelineRecord,
+    holding_lock,
+    is_alive,
+    last_checkpoint,
+    new_pipeline_dir,
+    newest_first,
+    now,
+    read_pipeline,
     read_record,
     run_dir_of_checkpoint,
-    started_now,
-    write_record,
+    write_pipeline,
 )
-from lightning_desa2va.stages.base import SegmentationStage
 from lightning_desa2va.stages.checkpoints import load_model_weights
-from lightning_desa2va.tracking import log_run_config, tag_run
+from lightning_desa2va.training import StageRun, build_trainer, split_metrics, stage_run_of, train_stage
 
 log = logging.getLogger(__name__)
 
-UNION_BASELINE = "union_baseline"
 StageCallbacks = Callable[[DictConfig], Sequence[Callback]]
 """Extra callbacks for each stage a pipeline trains (e.g. a sweep's pruning callback), given its config."""
-
-
-@dataclass
-class StageRun:
-    """What a finished stage leaves behind: its val (and test, when scored) metrics beside the baseline's."""
-
-    label: str  # e.g. "stage 2 (fused mask)"
-    run_id: str | None
-    output_dir: Path
-    checkpoint: Path
-    metrics: dict[str, float] = field(default_factory=dict)
-    baseline: dict[str, float] = field(default_factory=dict)
-    test_metrics: dict[str, float] = field(default_factory=dict)
-    test_baseline: dict[str, float] = field(default_factory=dict)
 
 
 def _synthetic_shards_present(cfg: DictConfig, data_dir: Path) -> bool:
@@ -109,78 +96,6 @@ def ensure_synthetic_shards(cfg: DictConfig) -> Path:
     return data_dir
 
 
-def build_logger(
-    cfg: DictConfig, run_id: str | None, run_name: str | None, tags: dict[str, str]
-) -> Logger | None:
-    """The configured logger; a resumed run continues its MLflow run (``run_id``)."""
-    if cfg.logger is None:
-        return None
-    extra: dict[str, Any] = {"run_id": run_id} if run_id else {}
-    if run_name is not None:
-        extra["run_name"] = run_name
-    return instantiate(cfg.logger, **extra, tags={**(cfg.logger.get("tags") or {}), **tags})
-
-
-def point_checkpoints_at(trainer: pl.Trainer, folder: Path) -> None:
-    """Checkpoint callbacks without a folder of their own save into the run's folder."""
-    for callback in trainer.checkpoint_callbacks:
-        if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
-            callback.dirpath = str(folder)
-
-
-def train_stage(
-    cfg: DictConfig,
-    callbacks: Sequence[Callback] = (),
-    score_test: bool = False,
-    run_name: str | None = None,
-    tags: dict[str, str] | None = None,
-) -> StageRun:
-    """Train the configured stage, then score its final model and the union baseline on val (and test).
-
-    ``resume_from`` set to a checkpoint of an earlier run continues that run: same folder, same MLflow run.
-    """
-    parts = build_components(cfg)
-    parts.datamodule.require_splits(TRAIN, VAL, *([TEST] if score_test else []))
-    resumed_dir = run_dir_of_checkpoint(Path(cfg.resume_from)) if cfg.resume_from else None
-    resumed = read_record(resumed_dir) if resumed_dir else None
-    logger = build_logger(cfg, resumed.mlflow_run_id if resumed else None, run_name, tags or {})
-    configured_callbacks = instantiate(cfg.trainer.callbacks) or []
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer, logger=logger or False, callbacks=[*configured_callbacks, *callbacks]
-    )
-    run_id = logger.run_id if isinstance(logger, MLFlowLogger) else None
-    output_dir = resumed_dir or new_run_dir(cfg, run_id)
-    point_checkpoints_at(trainer, output_dir / CHECKPOINTS_DIR)
-    if resumed is None:
-        tracking_uri = cfg.logger.tracking_uri if cfg.logger is not None else None
-        write_record(
-            output_dir,
-            RunRecord(cfg.run.experiment, cfg.run.choices.stage, run_id, tracking_uri, started_now()),
-        )
-        log_run_config(logger, cfg, save_config(cfg, output_dir / "config.yaml"))
-        tag_run(logger, cfg)
-    log.info("run folder: %s", output_dir)
-    trainer.fit(parts.stage, datamodule=parts.datamodule, ckpt_path=cfg.resume_from)
-    if parts.stage.last_validated_step != trainer.global_step:
-        trainer.validate(parts.stage, parts.datamodule, verbose=False)
-    run = StageRun(
-        label=parts.stage.label,
-        run_id=run_id,
-        output_dir=output_dir,
-        checkpoint=Path(trainer.checkpoint_callback.last_model_path).resolve(),
-        metrics=split_metrics(trainer.callback_metrics, VAL),
-    )
-    # The union baseline measures referring; stages that output no masks (VLM pre-training) skip it.
-    referring = isinstance(parts.stage, SegmentationStage)
-    if referring:
-        run.baseline = score_union_baseline(parts.datamodule, trainer.logger, VAL)
-    if score_test:
-        run.test_metrics = split_metrics(trainer.test(parts.stage, parts.datamodule, verbose=False)[0], TEST)
-        if referring:
-            run.test_baseline = score_union_baseline(parts.datamodule, trainer.logger, TEST)
-    return run
-
-
 def run_pipeline(
     overrides: list[str],
     experiments_dir: Path | None = None,
@@ -188,29 +103,132 @@ def run_pipeline(
     score_test: bool = True,
     run_name: Callable[[DictConfig], str] | None = None,
     tags: dict[str, str] | None = None,
+    record_dir: Path | None = None,
 ) -> list[StageRun]:
     """Train the stages of ``pipeline.stages`` in order, each later one from the checkpoint of the one before
     (``stage.init_from``); the last one is also scored on test when ``score_test``. The synthetic shards are
-    written first if missing."""
+    written first if missing.
+
+    The pipeline's record (which stage runs it made) continues where it stopped: with ``resume=auto`` the
+    newest unfinished pipeline of the experiment composed the same, with ``resume_from`` the one that made
+    that checkpoint's run, with ``record_dir`` (a sweep trial's own folder) the one there. Finished stages are
+    reused as they are; the interrupted one continues in its own run folder and MLflow run.
+    """
     first = compose_config(overrides, experiments_dir)
     ensure_synthetic_shards(first)
     stages = list(first.pipeline.stages)
     if not stages:
         raise ValueError("pipeline.stages is empty: nothing to train")
+    plan = PipelinePlan(overrides, experiments_dir, stages)
+    folder = plan.folder(first, record_dir)
+    record = read_pipeline(folder)
     runs: list[StageRun] = []
-    for index, stage in enumerate(stages):
-        start = [f"stage.init_from={runs[-1].checkpoint}"] if runs else []
-        cfg = compose_config([f"stage={stage}", *start, *overrides], experiments_dir)
-        runs.append(
-            train_stage(
-                cfg,
-                callbacks=stage_callbacks(cfg) if stage_callbacks else (),
-                score_test=score_test and index == len(stages) - 1,
-                run_name=run_name(cfg) if run_name else None,
-                tags=tags,
+    with holding_lock(folder):
+        for index, stage in enumerate(stages):
+            cfg = plan.compose(stage, runs)
+            run_dir = record.stages.get(stage)
+            if run_dir is not None and read_record(Path(run_dir)).status == FINISHED:
+                runs.append(plan.reuse(cfg, Path(run_dir)))
+                continue
+
+            def opened(path: Path, stage: str = stage) -> None:
+                record.stages[stage] = str(path)
+                write_pipeline(folder, record)
+
+            runs.append(
+                train_stage(
+                    cfg,
+                    callbacks=stage_callbacks(cfg) if stage_callbacks else (),
+                    score_test=score_test and index == len(stages) - 1,
+                    run_name=run_name(cfg) if run_name else None,
+                    tags=tags,
+                    resume=checked(cfg, Path(run_dir), last_checkpoint(Path(run_dir))) if run_dir else None,
+                    on_open=opened,
+                )
             )
-        )
+        write_pipeline(folder, replace(record, status=FINISHED))
     return runs
+
+
+@dataclass
+class PipelinePlan:
+    """How a pipeline's stages are composed, and which pipeline record a run continues."""
+
+    overrides: list[str]
+    experiments_dir: Path | None
+    stages: list[str]
+
+    def compose(self, stage: str, done: list[StageRun]) -> DictConfig:
+        """The config of ``stage``, started from the checkpoint of the stage before it (``done[-1]``)."""
+        start = [f"stage.init_from={done[-1].checkpoint}"] if done else []
+        return compose_config([f"stage={stage}", *start, *self.overrides], self.experiments_dir)
+
+    def reuse(self, cfg: DictConfig, run_dir: Path) -> StageRun:
+        """A finished stage run, once its config is checked to be ``cfg``'s."""
+        differences = config_differences(run_dir, cfg)
+        if differences:
+            raise ResumeError(
+                f"cannot reuse the finished {run_dir}: it was composed differently ({differences})"
+            )
+        log.info("reusing the finished %s", run_dir)
+        return stage_run_of(run_dir, read_record(run_dir))
+
+    def folder(self, first: DictConfig, record_dir: Path | None) -> Path:
+        """The folder of the pipeline record this run continues, or of a new one."""
+        if record_dir is not None:
+            if not (record_dir / PIPELINE_FILE).is_file():
+                record_dir.mkdir(parents=True, exist_ok=True)
+                write_pipeline(
+                    record_dir, PipelineRecord(first.run.experiment, dict.fromkeys(self.stages), now())
+                )
+            return record_dir
+        found = self.requested(first)
+        if found is not None:
+            return found
+        folder = new_pipeline_dir(first)
+        write_pipeline(folder, PipelineRecord(first.run.experiment, dict.fromkeys(self.stages), now()))
+        return folder
+
+    def requested(self, first: DictConfig) -> Path | None:
+        """The pipeline ``resume_from`` or ``resume=auto`` asks to continue, checked; ``None``: a new one."""
+        parent = Path(first.paths.output_dir) / first.run.experiment / PIPELINES_DIR
+        if first.resume_from:
+            run_dir = run_dir_of_checkpoint(Path(first.resume_from))
+            for folder in newest_first(parent, PIPELINE_FILE):
+                if run_dir is not None and str(run_dir) in read_pipeline(folder).stages.values():
+                    self.check(folder)
+                    return folder
+            raise ResumeError(f"resume_from={first.resume_from}: no pipeline of {parent} made that run")
+        if not first.resume:
+            return None
+        for folder in newest_first(parent, PIPELINE_FILE):
+            if read_pipeline(folder).status == FINISHED or is_alive(folder):
+                continue
+            try:
+                self.check(folder)
+            except ResumeError as error:
+                log.info("resume=auto: passing over %s", error)
+                continue
+            log.info("resume=auto: continuing the pipeline %s", folder)
+            return folder
+        log.info("resume=auto: no unfinished pipeline of %s composed the same; starting one", parent)
+        return None
+
+    def check(self, folder: Path) -> None:
+        """Every stage run the pipeline made was composed as this run composes it (else ResumeError)."""
+        if is_alive(folder):
+            raise ResumeError(f"cannot resume {folder}: another process is running it")
+        done: list[StageRun] = []
+        for stage in self.stages:
+            run_dir = read_pipeline(folder).stages.get(stage)
+            if run_dir is None:
+                return
+            cfg = self.compose(stage, done)
+            record = read_record(Path(run_dir))
+            if record.status != FINISHED:
+                checked(cfg, Path(run_dir), last_checkpoint(Path(run_dir)))
+                return
+            done.append(self.reuse(cfg, Path(run_dir)))
 
 
 def evaluate_checkpoint(
@@ -219,35 +237,8 @@ def evaluate_checkpoint(
     """Score a stage checkpoint on ``split`` (the configured stage decides which masks are scored)."""
     parts = build_components(cfg)
     load_model_weights(parts.model, checkpoint)
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=False)
+    trainer = build_trainer(cfg, logger=False)
     run = trainer.validate if split == VAL else trainer.test
     scores = split_metrics(run(parts.stage, parts.datamodule, verbose=False)[0], split)
     loader = parts.datamodule.val_dataloader() if split == VAL else parts.datamodule.test_dataloader()
     return scores, union_baseline_scores(loader)
-
-
-def split_metrics(metrics: dict[str, Any], split: str) -> dict[str, float]:
-    """The metrics logged under ``<split>/``, without that prefix."""
-    prefix = f"{split}/"
-    return {
-        name.removeprefix(prefix): float(value) for name, value in metrics.items() if name.startswith(prefix)
-    }
-
-
-def union_baseline_scores(loader: Iterable[dict[str, Any]]) -> dict[str, float]:
-    """J&F of the union-of-objects prediction over every batch of ``loader``."""
-    metric = JFMetric()
-    for batch in loader:
-        metric.update(
-            union_of_objects(batch["instance_masks"]), batch["target_masks"], batch["expression_type"]
-        )
-    return metric.compute()
-
-
-def score_union_baseline(datamodule: RefVOSDataModule, logger: Logger | None, split: str) -> dict[str, float]:
-    """J&F on ``split`` of predicting every object of the clip: what segmenting without referring gets."""
-    loader = datamodule.val_dataloader() if split == VAL else datamodule.test_dataloader()
-    scores = union_baseline_scores(loader)
-    if logger is not None:
-        logger.log_metrics({f"{split}/{UNION_BASELINE}/{name}": value for name, value in scores.items()})
-    return scores

@@ -22,8 +22,9 @@ from lightning_desa2va.foundations import (
     write_manifest,
 )
 from lightning_desa2va.models.desa2va import DeSa2VA
-from lightning_desa2va.pipeline import ensure_synthetic_shards, train_stage
+from lightning_desa2va.pipeline import ensure_synthetic_shards
 from lightning_desa2va.stages.checkpoints import load_model_weights
+from lightning_desa2va.training import train_stage
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,18 @@
-"""MLflow tracking through Lightning's logger: the resolved config, params and image artifacts of a run."""
+"""MLflow tracking through Lightning's logger: the resolved config, params and image artifacts of a run; a
+logger that continues a run without logging a step twice; a local store created once under a file lock."""
 
 from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
+from filelock import FileLock
 from lightning.pytorch.loggers import Logger, MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
@@ -16,6 +21,64 @@ RESOLVED_CONFIG_ARTIFACT = "config"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
 """What MLflow's UI reads to open an experiment as model training (runs, charts), not GenAI traces."""
+SQLITE_PREFIX = "sqlite:///"
+STORE_LOCK_SUFFIX = ".lock"
+
+
+def ensure_tracking_store(tracking_uri: str) -> None:
+    """Create a local SQLite store (its schema) under a file lock: two first runs on a fresh ``mlflow.db``
+    otherwise race through MLflow's schema migrations and one fails."""
+    if not tracking_uri.startswith(SQLITE_PREFIX):
+        return
+    database = Path(tracking_uri.removeprefix(SQLITE_PREFIX))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{database}{STORE_LOCK_SUFFIX}"):
+        MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
+
+
+class RunLogger(MLFlowLogger):
+    """Lightning's MLflow logger that, continuing a run (``run_id``), does not log again a step of a metric
+    the run already holds: a run killed after its last checkpoint logged steps that its resumed run, reading
+    on from the checkpoint, computes again (the same values, when resumed exactly)."""
+
+    def __init__(
+        self,
+        experiment_name: str,
+        tracking_uri: str,
+        run_name: str | None = None,
+        tags: dict[str, Any] | None = None,
+        log_model: bool = False,
+        run_id: str | None = None,
+    ) -> None:
+        super().__init__(
+            experiment_name=experiment_name,
+            tracking_uri=tracking_uri,
+            run_name=run_name,
+            tags=tags,
+            log_model=log_model,
+            run_id=run_id,
+        )
+        self._continued = run_id is not None
+        self._last_logged: dict[str, int] | None = None
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if self._continued and step is not None:
+            last = self.last_logged_steps()
+            metrics = {key: value for key, value in metrics.items() if step > last.get(key, -1)}
+            if not metrics:
+                return
+        super().log_metrics(metrics, step)
+
+    def last_logged_steps(self) -> dict[str, int]:
+        """The last step of every metric the continued run held when this logger opened it."""
+        if self._last_logged is None:
+            client, run_id = self.experiment, self.run_id
+            self._last_logged = {
+                key: max(point.step for point in client.get_metric_history(run_id, key))
+                for key in client.get_run(run_id).data.metrics
+            }
+        return self._last_logged
 
 
 def log_run_config(logger: Logger | None, cfg: DictConfig, resolved_path: Path) -> None:

@@ -15,6 +15,7 @@ from lightning_desa2va.build import build_datamodule
 from lightning_desa2va.data.chat import IGNORE_INDEX
 from lightning_desa2va.data.schema import VideoSample
 from lightning_desa2va.data.shards import read_split, split_urls, write_synthetic_benchmark
+from lightning_desa2va.data.stream import POSITION_KEY
 from lightning_desa2va.data.synthetic import SyntheticConfig
 from lightning_desa2va.models.tokenizer import ASSISTANT_ROLE, SEG_TOKEN, TURN_END_TOKEN, TURN_START_TOKEN
 
@@ -119,7 +120,9 @@ def test_train_batch_has_every_key_and_num_frames_frames(setup, train_batch) -> 
         "expression",
         "expression_type",
         "video_id",
+        POSITION_KEY,
     }
+    assert train_batch[POSITION_KEY] == (0, 0, BATCH_SIZE)  # epoch 0, worker 0, through its 3rd sample
     assert len(train_batch["expression"]) == BATCH_SIZE
     check_batch_shapes(train_batch, BATCH_SIZE, NUM_FRAMES, model)
     image_tokens = (train_batch["input_ids"] == model.vlm.model.config.image_token_id).sum(dim=1)

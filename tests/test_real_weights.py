@@ -19,7 +19,8 @@ from lightning_desa2va.config import compose_config
 from lightning_desa2va.data.chat import IGNORE_INDEX, ChatEncoder, ChatTemplates
 from lightning_desa2va.data.schema import QAPair
 from lightning_desa2va.models.tokenizer import SEG_TOKEN, load_pretrained_tokenizer
-from lightning_desa2va.pipeline import ensure_synthetic_shards, evaluate_checkpoint, train_stage
+from lightning_desa2va.pipeline import ensure_synthetic_shards, evaluate_checkpoint
+from lightning_desa2va.training import train_stage
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
 SMALL_RUN = [

@@ -14,8 +14,9 @@ from lightning_desa2va.build import build_model
 from lightning_desa2va.config import compose_config
 from lightning_desa2va.data.chat import ChatEncoder, ChatTemplates
 from lightning_desa2va.data.synthetic import SyntheticConfig, rasterise
-from lightning_desa2va.pipeline import ensure_synthetic_shards, train_stage
+from lightning_desa2va.pipeline import ensure_synthetic_shards
 from lightning_desa2va.stages.checkpoints import load_model_weights
+from lightning_desa2va.training import train_stage
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
 SHORT_RUN = [

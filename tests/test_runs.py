@@ -1,49 +1,31 @@
-"""Resuming: a stage's last.ckpt holds its final step, and a run resumed from it continues in the same folder
-and MLflow run."""
+"""What a stopped or refused run leaves: SIGTERM / SIGINT save ``last.ckpt`` at the signal's step and exit
+with 128 + signum; a resume is checked before anything is reopened (safe loading whatever the environment
+says, a cut checkpoint, the config and the tracking URI), and a refused one changes nothing."""
 
 from __future__ import annotations
 
+import re
+import signal
 from pathlib import Path
 
 import pytest
 import torch
+from interruptions import TINY_STAGE, start_desa2va
 from mlflow.tracking import MlflowClient
 
+from lightning_desa2va.cli import main
 from lightning_desa2va.config import compose_config
-from lightning_desa2va.pipeline import ensure_synthetic_shards, train_stage
+from lightning_desa2va.pipeline import ensure_synthetic_shards
+from lightning_desa2va.runs import FINISHED, INTERRUPTED, RUN_FILE, read_record
+from lightning_desa2va.training import StageRun, train_stage
 
-EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
-TINY_STAGE = [
-    "stage=text_pretrain",
-    "synthetic.videos={train:4,val:1,test:1}",
-    "data.batch_size=2",
-    "data.eval_batch_size=4",
-    "data.num_workers=0",
-    "stage.num_overlays=0",
-    "trainer.log_every_n_steps=1",
+STEP_LINE = re.compile(r"train steps (\d+)/")
+SIGNAL_AFTER_STEP = 3
+LONG = [
+    "trainer.max_steps=2000",
+    "trainer.val_check_interval=1000",
+    "trainer.callbacks.progress.lines_when_piped=2000",
 ]
-
-
-def test_a_resumed_run_continues_in_its_folder_and_mlflow_run(tmp_path: Path, in_scratch_folder) -> None:
-    with in_scratch_folder(tmp_path) as store:
-        first_cfg = compose_config(
-            [*TINY_STAGE, "trainer.max_steps=2", "trainer.val_check_interval=2", store]
-        )
-        ensure_synthetic_shards(first_cfg)
-        first = train_stage(first_cfg)
-        resumed_cfg = compose_config(
-            [*TINY_STAGE, "trainer.max_steps=5", "trainer.val_check_interval=2", store]
-            + [f"resume_from={first.checkpoint}"]
-        )
-        resumed = train_stage(resumed_cfg)
-    assert resumed.output_dir == first.output_dir
-    assert resumed.run_id == first.run_id
-    assert torch.load(resumed.checkpoint, weights_only=True)["global_step"] == 5
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    steps = [point.step for point in client.get_metric_history(first.run_id, "train/loss")]
-    assert steps == [0, 1, 2, 3, 4]
-    assert client.get_run(first.run_id).info.status == "FINISHED"
-    assert len(list((tmp_path / "outputs" / "default" / "text_pretrain").iterdir())) == 1
 
 
 @pytest.fixture(autouse=True)
@@ -51,3 +33,118 @@ def _keep_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_saves_last_ckpt_at_its_step_and_exits_with_128_plus_it(
+    tmp_path: Path, in_scratch_folder, signum: int, exit_code: int
+) -> None:
+    with in_scratch_folder(tmp_path) as store:
+        overrides = [*TINY_STAGE, *LONG, store]
+        ensure_synthetic_shards(compose_config(overrides))
+    process = start_desa2va(tmp_path, "train", *overrides)
+    for line in process.stderr:  # a log line per step: signal once a few steps are done
+        if (match := STEP_LINE.search(line)) and int(match[1]) >= SIGNAL_AFTER_STEP:
+            break
+    process.send_signal(signum)
+    _, log = process.communicate(timeout=300)
+
+    assert process.returncode == exit_code, log[-3000:]
+    last = log.strip().splitlines()[-1]
+    stopped = re.fullmatch(
+        rf"desa2va: {signal.Signals(signum).name}: stopped at step (\d+), saved (\S+)", last
+    )
+    assert stopped, last
+    step, checkpoint = int(stopped[1]), Path(stopped[2])
+    assert SIGNAL_AFTER_STEP <= step < 2000
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == step
+    record = read_record(checkpoint.parent.parent)
+    assert record.status == INTERRUPTED
+    client = MlflowClient(tracking_uri=store.split("=", 1)[1])
+    assert client.get_run(record.mlflow_run_id).info.status == "KILLED"
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory, in_scratch_folder) -> tuple[Path, list[str], StageRun]:
+    """A finished tiny run: its scratch folder, the overrides that made it and the run."""
+    root = tmp_path_factory.mktemp("finished")
+    with in_scratch_folder(root) as store:
+        overrides = [*TINY_STAGE, "trainer.max_steps=4", "trainer.val_check_interval=4", store]
+        cfg = compose_config(overrides)
+        ensure_synthetic_shards(cfg)
+        return root, overrides, train_stage(cfg)
+
+
+def refusal(root: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, *args: str) -> str:
+    """``desa2va train ARGS`` in ``root``: it must stop with status 2 and one line, which is returned."""
+    monkeypatch.chdir(root)
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", *args])
+    assert stopped.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("desa2va: error: "), lines
+    return lines[0]
+
+
+def snapshot(root: Path, run: StageRun) -> tuple:
+    """What a refused resume must leave as it was: the run folders, the run record and the MLflow status."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    folders = sorted(str(path) for path in (root / "outputs").rglob(RUN_FILE))
+    status = client.get_run(run.run_id).info.status
+    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+    return folders, (run.output_dir / RUN_FILE).read_bytes(), status, len(client.search_runs(experiments))
+
+
+def test_a_planted_pickle_is_refused_in_one_line_even_when_unsafe_loading_is_forced(
+    finished, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    root, overrides, run = finished
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    planted = run.output_dir / "checkpoints" / "planted.ckpt"
+    torch.save({**torch.load(run.checkpoint, weights_only=True), "extra": Payload()}, planted)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    before = snapshot(root, run)
+
+    line = refusal(root, capsys, monkeypatch, *overrides, f"resume_from={planted}")
+
+    assert "refuses" in line and str(planted) in line
+    assert not marker.exists()
+    assert snapshot(root, run) == before
+
+
+def test_a_checkpoint_cut_in_half_is_refused_in_one_line(finished, capsys, monkeypatch) -> None:
+    root, overrides, run = finished
+    cut = run.output_dir / "checkpoints" / "cut.ckpt"
+    whole = run.checkpoint.read_bytes()
+    cut.write_bytes(whole[: len(whole) // 2])
+    before = snapshot(root, run)
+
+    line = refusal(root, capsys, monkeypatch, *overrides, f"resume_from={cut}")
+
+    assert f"{cut} is truncated" in line
+    assert snapshot(root, run) == before
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (["trainer.max_steps=6"], "trainer.max_steps: 4 → 6"),
+        (["logger.tracking_uri=sqlite:///elsewhere.db"], "elsewhere.db"),
+    ],
+)
+def test_a_refused_resume_leaves_the_finished_run_finished_and_everything_as_it_was(
+    finished, capsys, monkeypatch, change: list[str], named: str
+) -> None:
+    root, overrides, run = finished
+    before = snapshot(root, run)
+
+    line = refusal(root, capsys, monkeypatch, *overrides, *change, f"resume_from={run.checkpoint}")
+
+    assert f"cannot resume {run.output_dir}" in line and named in line
+    assert snapshot(root, run) == before
+    assert before[2] == "FINISHED" and read_record(run.output_dir).status == FINISHED

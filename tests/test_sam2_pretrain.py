@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_desa2va.data.chat import IGNORE_INDEX
-from lightning_desa2va.stages.base import NonFiniteLossError
+from lightning_desa2va.errors import NonFiniteLossError
 from lightning_desa2va.stages.look import look_hits
 from lightning_desa2va.stages.sam2_pretrain import PromptSampler, centroid_points, visible_objects
 

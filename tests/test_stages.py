@@ -11,8 +11,8 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
+from lightning_desa2va.errors import NonFiniteLossError
 from lightning_desa2va.models.desa2va import TextSegmentation
-from lightning_desa2va.stages.base import NonFiniteLossError
 
 STEPS = 6
 LEARNING_RATE = 1e-3  # fixed here, so the test does not depend on the tuned default

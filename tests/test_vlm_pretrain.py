@@ -14,9 +14,9 @@ from lightning_desa2va.data.chat import IGNORE_INDEX, ChatEncoder, ChatTemplates
 from lightning_desa2va.data.clips import ClipEncoder, collate_clips
 from lightning_desa2va.data.schema import ObjectTrack, QAPair
 from lightning_desa2va.data.synthetic import SyntheticConfig, generate_video
+from lightning_desa2va.errors import NonFiniteLossError
 from lightning_desa2va.models.tokenizer import IMAGE_CONTEXT_TOKEN, TURN_END_TOKEN, UNK_TOKEN
 from lightning_desa2va.stages.answers import score_answers
-from lightning_desa2va.stages.base import NonFiniteLossError
 from lightning_desa2va.stages.referent import referent_hits, referent_loss, referent_rows
 from lightning_desa2va.stages.vlm_pretrain import (
     METRIC_NAMES,

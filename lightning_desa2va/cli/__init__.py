@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 from pathlib import Path
 
 from hydra.errors import HydraException, InstantiationException
@@ -15,7 +16,16 @@ from lightning_desa2va.cli.help import EXAMPLES, HelpFormatter
 from lightning_desa2va.config import ConfigError
 from lightning_desa2va.console import quiet_third_party_output
 from lightning_desa2va.data.schema import ShardFormatError
-from lightning_desa2va.errors import CheckpointError, ExpressionError, VideoError, WeightsFormatError
+from lightning_desa2va.errors import (
+    CheckpointError,
+    ExpressionError,
+    NonFiniteLossError,
+    ResumeError,
+    RunInterrupted,
+    VideoError,
+    WeightsFormatError,
+)
+from lightning_desa2va.signals import STOP_SIGNALS, stop_at_once
 
 LIGHTNING_LOGGER = "lightning"
 COMMAND_MODULES = (runs, predict, pretrain, shards, sweep)
@@ -30,8 +40,15 @@ USER_ERRORS = (
     CheckpointError,
     VideoError,
     ExpressionError,
+    ResumeError,
+    NonFiniteLossError,
 )
-"""Errors that are the input's fault: printed as one line naming it, without a traceback."""
+"""Errors that are the input's fault (or say all there is to say, like a NaN loss): printed as one line naming
+it, without a traceback."""
+WORKER_PREFIX = "Caught "
+ORIGINAL_TRACEBACK = "Original Traceback"
+"""How torch re-raises an error from a DataLoader worker: a new error of the same type whose message is the
+worker's whole traceback; the original message is its last line."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,12 +59,30 @@ def main(argv: list[str] | None = None) -> None:
     # Lightning prints its own messages through its own handler; propagating them too would print twice.
     logging.getLogger(LIGHTNING_LOGGER).propagate = False
     quiet_third_party_output()
+    # training listens itself (saving first); elsewhere a command stops at once
+    previous = {signum: signal.signal(signum, stop_at_once) for signum in STOP_SIGNALS}
     try:
         args.run(args)
     except USER_ERRORS as error:
         # Hydra wraps what a component raised while being built; its cause names the bad input.
         cause = error.__cause__ if isinstance(error, InstantiationException) and error.__cause__ else error
-        parser.exit(2, f"desa2va: error: {cause}\n")
+        parser.exit(2, f"desa2va: error: {user_message(cause)}\n")
+    except RunInterrupted as interrupted:
+        parser.exit(interrupted.exit_code, f"desa2va: {interrupted}\n")
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def user_message(error: BaseException) -> str:
+    """An error's message, or for one raised in a DataLoader worker the worker's own message (the last line
+    of the traceback torch puts in its place), without the exception's class name."""
+    text = str(error)
+    if not (text.startswith(WORKER_PREFIX) and ORIGINAL_TRACEBACK in text):
+        return text
+    last = text.strip().splitlines()[-1]
+    prefix = f"{type(error).__name__}: "
+    return last.split(prefix, 1)[1] if prefix in last else last
 
 
 def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

@@ -14,7 +14,7 @@ from lightning_desa2va.config import compose_config
 from lightning_desa2va.report import print_metrics, print_summary
 
 if TYPE_CHECKING:
-    from lightning_desa2va.pipeline import StageRun
+    from lightning_desa2va.training import StageRun
 
 EXPERIMENT_PREFIX = "experiment="
 DEMO_EXPERIMENT = f"{EXPERIMENT_PREFIX}desa2va_tiny"
@@ -27,7 +27,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         commands,
         "train",
         "train one stage and score it on val beside the union-of-objects baseline",
-        "desa2va train stage=decoupled_finetune stage.init_from=outputs/.../last.ckpt fusion=confidence",
+        "desa2va train stage=decoupled_finetune stage.init_from=outputs/.../last.ckpt resume=auto",
         takes_overrides=True,
     )
     train.set_defaults(run=_train)
@@ -47,16 +47,18 @@ def register(commands: argparse._SubParsersAction) -> None:
         commands,
         "demo",
         "the main job: synthetic shards if missing, every stage of pipeline.stages, val and test scores",
-        "desa2va demo experiment=sa2va_baseline     (the Sa2VA control, end to end)",
+        "desa2va demo experiment=sa2va_baseline resume=auto   (the Sa2VA control; continues a stopped one)",
         takes_overrides=True,
     )
     demo.set_defaults(run=_demo)
 
 
 def _train(args: argparse.Namespace) -> None:
-    from lightning_desa2va.pipeline import train_stage
+    from lightning_desa2va.resume import requested_resume
+    from lightning_desa2va.training import train_stage
 
-    print_runs([train_stage(compose_config(args.overrides, args.experiments_dir))])
+    cfg = compose_config(args.overrides, args.experiments_dir)
+    print_runs([train_stage(cfg, resume=requested_resume(cfg))])
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -78,8 +80,10 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def print_runs(runs: list[StageRun]) -> None:
-    """The val table of every stage (and the test table of those scored on test), then where the runs are."""
+    """The val table of every stage (and the test table of those scored on test), then where the runs are
+    and what the data pipelines skipped."""
     footer = [f"{run.label}: MLflow run {run.run_id}, outputs in {run.output_dir}" for run in runs]
+    footer += [skipped_line(run) for run in runs]
     footer.append(UI_HINT)
     if not all("JF" in run.metrics for run in runs):
         print_metrics("metrics on val", {run.label: run.metrics for run in runs})
@@ -92,3 +96,12 @@ def print_runs(runs: list[StageRun]) -> None:
         test_rows = {run.label: run.test_metrics for run in tested}
         test_rows[UNION] = tested[-1].test_baseline
         print_summary("J&F on test", test_rows, footer)
+
+
+def skipped_line(run: StageRun) -> str:
+    """How many samples the run skipped and why (``data.on_error=skip`` counts them by reason)."""
+    counts = {reason: count for reason, count in run.skipped.items() if count}
+    if not counts:
+        return f"{run.label}: no sample skipped"
+    reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items()))
+    return f"{run.label}: skipped {sum(counts.values())} samples ({reasons}; data/skipped/* in MLflow)"

@@ -33,16 +33,18 @@ ORIGINAL_KEYS = ("original_target_masks", "original_size")
 """Evaluation only: per clip, bool [T, H0, W0] ground truth at the source's size and (H0, W0)."""
 
 
-def frame_indices(total: int, num_frames: int | None, sampling: str) -> Tensor:
-    """Indices of the frames a clip uses, in order (see :data:`SAMPLINGS`); every frame without
-    ``num_frames``."""
+def frame_indices(
+    total: int, num_frames: int | None, sampling: str, generator: torch.Generator | None = None
+) -> Tensor:
+    """Indices of the frames a clip uses, in order (see :data:`SAMPLINGS`), random choices drawn from
+    ``generator``; every frame without ``num_frames``."""
     if num_frames is None or sampling == "all":
         return torch.arange(total)
     if total < num_frames or sampling == "uniform":
         return torch.linspace(0, total - 1, num_frames).round().long()
     if sampling == "random_ordered":
-        return torch.randperm(total)[:num_frames].sort().values
-    start = int(torch.randint(total - num_frames + 1, ()))
+        return torch.randperm(total, generator=generator)[:num_frames].sort().values
+    start = int(torch.randint(total - num_frames + 1, (), generator=generator))
     return torch.arange(start, start + num_frames)
 
 
@@ -122,8 +124,11 @@ class ClipEncoder:
         """Whether clips are whole videos with original-size ground truth."""
         return self.num_frames is None
 
-    def __call__(self, video: VideoSample, expression: Expression) -> dict[str, Any]:
-        index = frame_indices(video.num_frames, self.num_frames, self.sampling).tolist()
+    def __call__(
+        self, video: VideoSample, expression: Expression, generator: torch.Generator | None = None
+    ) -> dict[str, Any]:
+        """The sample's tensors; a training clip's random frame choice is drawn from ``generator``."""
+        index = frame_indices(video.num_frames, self.num_frames, self.sampling, generator).tolist()
         frames, vlm_pixels = self.model_inputs(np.stack([video.frame(i, self.decode_size) for i in index]))
         ids = np.stack([video.mask(i) for i in index])
         instances = torch.from_numpy(resize_ids(ids, self.sam_image_size).astype(np.int64))

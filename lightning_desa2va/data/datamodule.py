@@ -2,10 +2,14 @@
 
 Every expression of every video is one sample. Training reads ``data_dir``'s train shards once per epoch,
 split by node and by DataLoader worker so that no sample repeats within an epoch, shuffled by shard and
-through a seeded buffer; or, with ``train_mix``, several data sets drawn by weight from endlessly
+through a buffer seeded by the epoch; or, with ``train_mix``, several data sets drawn by weight from endlessly
 resampled shards, ``samples_per_epoch`` samples an epoch. Validation and test read ``data_dir`` in order,
 whole videos (:mod:`~lightning_desa2va.data.clips` turns the pairs into tensors). Bad data is skipped and
 counted by reason (``on_error=skip``, :meth:`RefVOSDataModule.skipped`) or raised (``on_error=raise``).
+
+The training stream's position (:mod:`~lightning_desa2va.data.stream`) and the skip counts are the
+DataModule's state: Lightning saves them in every checkpoint, and a run resumed from one reads on exactly
+where it stopped.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
@@ -34,6 +39,13 @@ from lightning_desa2va.data.shards import (
     shard_reader,
     split_urls,
     verified,
+)
+from lightning_desa2va.data.stream import (
+    POSITION_KEY,
+    PassLoader,
+    StreamPosition,
+    TrainStream,
+    batch_position,
 )
 
 log = logging.getLogger(__name__)
@@ -99,6 +111,10 @@ class RefVOSDataModule(pl.LightningDataModule):
         self.samples_per_epoch = samples_per_epoch
         self._check_mix()
         self.skips = {split: SkipCounter(num_workers) for split in (TRAIN, VAL, TEST)}
+        self.skips_before: dict[str, int] = dict.fromkeys(SKIP_REASONS, 0)
+        """Skips counted before this process (by the run a resumed run continues)."""
+        self.train_position = StreamPosition()
+        """Where training has read up to on this rank (the batches trained on, not those prefetched)."""
         chat_encoder = ChatEncoder(tokenizer, ChatTemplates(**chat), image_tokens)
         sizes = {"sam_image_size": sam_image_size, "vlm_image_size": vlm_image_size}
         common = {"pixel_mean": pixel_mean, "pixel_std": pixel_std, "jpeg_draft": jpeg_draft}
@@ -118,7 +134,7 @@ class RefVOSDataModule(pl.LightningDataModule):
 
     def skipped(self) -> dict[str, int]:
         """Samples skipped so far by reason (every reason, zeros included), all splits and workers."""
-        totals = dict.fromkeys(SKIP_REASONS, 0)
+        totals = dict(self.skips_before)
         for counter in self.skips.values():
             for reason, count in counter.totals().items():
                 totals[reason] += count
@@ -137,29 +153,42 @@ class RefVOSDataModule(pl.LightningDataModule):
             return [Path(entry.data_dir) for entry in self.train_mix]
         return [self.data_dir]
 
-    def _expressions(self, source: wds.DataPipeline, handler: Any, shuffle: bool) -> wds.DataPipeline:
-        """Raw samples → (video, expression) pairs, shuffled through the seeded buffer when asked."""
+    def _expressions(
+        self, source: wds.DataPipeline, handler: Any, shuffle_epoch: int | None = None
+    ) -> wds.DataPipeline:
+        """Raw samples → (video, expression) pairs, shuffled through a buffer seeded by ``seed`` and
+        ``shuffle_epoch`` when one is given (webdataset's plain shuffle seeds itself from the clock)."""
         stages: list[Any] = [wds.map(decode_sample, handler=handler), expand_expressions]
-        if shuffle and self.shuffle_buffer > 0:
-            # Seeded by ``seed`` and the epoch, so that a run sees the same order again (webdataset's
-            # plain shuffle seeds itself from the clock).
-            stages.append(wds.detshuffle(self.shuffle_buffer, seed=self.seed))
+        if shuffle_epoch is not None and self.shuffle_buffer > 0:
+            stages.append(wds.detshuffle(self.shuffle_buffer, seed=self.seed, epoch=shuffle_epoch - 1))
         return source.compose(*stages)
 
-    def dataset(self, split: str) -> wds.DataPipeline:
-        """The WebDataset pipeline of one split: shards → videos → (video, expression) → tensors."""
-        if split == TRAIN and self.train_mix:
-            return self._mixed_train()
-        training = split == TRAIN
-        encoder = self.train_encoder if training else self.eval_encoder
+    def dataset(self, split: str) -> TrainStream | wds.DataPipeline:
+        """The samples of one split: shards → videos → (video, expression) → tensors. Training's is a
+        :class:`~lightning_desa2va.data.stream.TrainStream` starting at :attr:`train_position`."""
+        if split == TRAIN:
+            stream = self._mixed_train() if self.train_mix else self._plain_train()
+            stream.start = StreamPosition(self.train_position.epoch, dict(self.train_position.consumed))
+            return stream
         check_schema_version(self.data_dir)
         urls = split_urls(self.data_dir, split)
         handler = error_handler(self.on_error, urls, self.skips[split])
-        shards = shard_reader(urls, handler, split=True, shuffle_seed=self.seed if training else None)
-        samples = self._expressions(shards, handler, shuffle=training)
-        return samples.compose(wds.map(lambda pair: encoder(*pair), handler=handler))
+        samples = self._expressions(shard_reader(urls, handler, split=True), handler)
+        return samples.compose(wds.map(lambda pair: self.eval_encoder(*pair), handler=handler))
 
-    def _mixed_train(self) -> wds.DataPipeline:
+    def _plain_train(self) -> TrainStream:
+        """``data_dir``'s train shards, each pass shuffled by shard and through the buffer by its epoch."""
+        check_schema_version(self.data_dir)
+        urls = split_urls(self.data_dir, TRAIN)
+        handler = error_handler(self.on_error, urls, self.skips[TRAIN])
+
+        def pairs(epoch: int) -> wds.DataPipeline:
+            shards = shard_reader(urls, handler, split=True, shuffle_seed=self.seed, epoch=epoch)
+            return self._expressions(shards, handler, shuffle_epoch=epoch)
+
+        return TrainStream(pairs, self.train_encoder, handler, self.seed)
+
+    def _mixed_train(self) -> TrainStream:
         """Every data set of ``train_mix`` resampled endlessly (each rank and worker seeded apart, so
         they read different shards), drawn by weight, ``samples_per_epoch`` samples per rank an epoch."""
         urls = {}
@@ -168,37 +197,69 @@ class RefVOSDataModule(pl.LightningDataModule):
             urls[entry.data_dir] = split_urls(Path(entry.data_dir), TRAIN)
         every_url = [url for group in urls.values() for url in group]
         handler = error_handler(self.on_error, every_url, self.skips[TRAIN])
-        sources = [
-            self._expressions(
-                wds.DataPipeline(
-                    # each data set drawn by its own stream (seeded apart), each rank and worker too
-                    wds.ResampledShards(urls[entry.data_dir], seed=self.seed + index, deterministic=True),
-                    verified(handler),
-                    wds.tarfile_to_samples(handler=handler),
-                ),
-                handler,
-                shuffle=True,
-            )
-            for index, entry in enumerate(self.train_mix)
-        ]
-        mixed = wds.DataPipeline(
-            wds.RandomMix(sources, [entry.weight for entry in self.train_mix]),
-            wds.map(lambda pair: self.train_encoder(*pair), handler=handler),
-        )
         assert self.samples_per_epoch is not None
-        return mixed.with_epoch(math.ceil(self.samples_per_epoch / max(1, self.num_workers)))
+        per_worker = math.ceil(self.samples_per_epoch / max(1, self.num_workers))
+
+        def pairs(epoch: int) -> wds.DataPipeline:
+            sources = []
+            for index, entry in enumerate(self.train_mix):
+                # each data set drawn by its own stream (seeded apart), each rank and worker too
+                shards = wds.ResampledShards(urls[entry.data_dir], seed=self.seed + index, deterministic=True)
+                shards.epoch = epoch - 1  # it counts its passes itself; a resumed stream starts at `epoch`
+                source = wds.DataPipeline(shards, verified(handler), wds.tarfile_to_samples(handler=handler))
+                sources.append(self._expressions(source, handler, shuffle_epoch=epoch))
+            weights = [entry.weight for entry in self.train_mix]
+            return wds.DataPipeline(wds.RandomMix(sources, weights)).with_epoch(per_worker)
+
+        return TrainStream(pairs, self.train_encoder, handler, self.seed)
 
     def _loader(self, split: str, batch_size: int) -> DataLoader:
-        return DataLoader(
+        training = split == TRAIN
+        return (PassLoader if training else DataLoader)(
             self.dataset(split),
             batch_size=batch_size,
             num_workers=self.num_workers,
-            collate_fn=lambda samples: collate_clips(samples, self.tokenizer.pad_token_id),
-            persistent_workers=self.num_workers > 0,
+            collate_fn=self._collate,
+            # training forks its workers anew each pass, with the stream's position for that pass
+            persistent_workers=self.num_workers > 0 and not training,
             multiprocessing_context=LOADER_START_METHOD if self.num_workers > 0 else None,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = collate_clips(samples, self.tokenizer.pad_token_id)
+        position = batch_position(samples)
+        if position is not None:
+            batch[POSITION_KEY] = position
+        return batch
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Record the position of a batch about to be trained on (Lightning calls this hook just before the
+        step, after any prefetching, so a checkpoint's position counts the batches actually trained on)."""
+        position = batch.pop(POSITION_KEY, None) if isinstance(batch, dict) else None
+        if position is not None and self.trainer is not None and self.trainer.training:
+            self.train_position.advance(*position)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training stream's position on every rank and the skip counts, for the checkpoint."""
+        consumed = {str(worker): count for worker, count in self.train_position.consumed.items()}
+        ranks = all_ranks(consumed)
+        return {
+            "epoch": self.train_position.epoch,
+            "consumed": {str(rank): per_rank for rank, per_rank in enumerate(ranks)},
+            "skipped": self.skipped(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint: the next training stream starts at its position (this rank's)."""
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        consumed = state.get("consumed", {}).get(str(rank), {})
+        self.train_position = StreamPosition(
+            int(state.get("epoch", 0)), {int(worker): int(n) for worker, n in consumed.items()}
+        )
+        self.skips_before = {reason: int(state.get("skipped", {}).get(reason, 0)) for reason in SKIP_REASONS}
+
+    def train_dataloader(self) -> PassLoader:
         return self._loader(TRAIN, self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
@@ -206,3 +267,12 @@ class RefVOSDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(TEST, self.eval_batch_size)
+
+
+def all_ranks(value: dict[str, int]) -> list[dict[str, int]]:
+    """``value`` of every rank, in rank order (this rank's alone outside distributed training)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return [value]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered

@@ -251,14 +251,16 @@ def shard_reader(
     handler: Callable[[Exception], bool],
     split: bool = False,
     shuffle_seed: int | None = None,
+    epoch: int = 0,
 ) -> webdataset.DataPipeline:
-    """Raw samples of the shards: split by node and worker (``split``), shards shuffled by epoch
-    (``shuffle_seed``), each tar checked whole before it is read."""
+    """Raw samples of the shards: split by node and worker (``split``), shards shuffled by ``shuffle_seed``
+    and ``epoch`` when a seed is given, each tar checked whole before it is read."""
     stages: list[Any] = [webdataset.SimpleShardList(urls)]
     if split:
         stages += [webdataset.split_by_node, webdataset.split_by_worker]
     if shuffle_seed is not None:
-        stages.append(webdataset.detshuffle(len(urls), seed=shuffle_seed))
+        # detshuffle counts passes itself, from the epoch it is given + 1
+        stages.append(webdataset.detshuffle(len(urls), seed=shuffle_seed, epoch=epoch - 1))
     stages += [verified(handler), webdataset.tarfile_to_samples(handler=handler)]
     return webdataset.DataPipeline(*stages)
 
@@ -302,6 +304,8 @@ class SkipCounter:
         self.urls: list[str] = list(urls)
         self.messages: list[str] = []
         """This process's skip messages (a worker's stay in the worker; its log shows them)."""
+        self.counting = True
+        """False while a resumed stream passes over what was read before the interruption (counted then)."""
         self._incomplete: set[str] = set()
 
     def __call__(self, exn: Exception) -> bool:
@@ -314,6 +318,8 @@ class SkipCounter:
                 log.debug("already counted: %s", error)
                 return True
             self._incomplete.add(error.shard)
+        if not self.counting:
+            return True
         info = torch.utils.data.get_worker_info()
         row = 0 if info is None else info.id % self.counts.shape[0]
         self.counts[row, SKIP_REASONS.index(error.reason)] += 1

@@ -25,6 +25,7 @@ import torchmetrics
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from lightning_desa2va.errors import NonFiniteLossError
 from lightning_desa2va.losses import LossTerms
 from lightning_desa2va.metrics import JFMetric, MaskShareMetric, ReferringIoUMetric
 from lightning_desa2va.models.desa2va import DeSa2VA
@@ -40,10 +41,6 @@ Scheduler = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRSchedul
 SPLITS = ("val", "test")
 SCORE_PREFIXES = {"mask_share": "mask_share/", "diag": "diag/"}
 """Metrics (by their key in ``score_metrics``) whose results are logged under a prefix: ``val/diag/...``."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss: stopping beats training on garbage."""
 
 
 class TrainingStage(pl.LightningModule):
@@ -127,13 +124,29 @@ class TrainingStage(pl.LightningModule):
         scheduler = {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
-    def check_finite(self, loss: Tensor, batch: dict[str, Any]) -> Tensor:
-        """Raise on a NaN/inf loss, naming the step and the clips of the batch."""
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"loss is {loss.item()} at step {self.global_step} on videos {batch['video_id']}"
-            )
+    def check_finite(
+        self, loss: Tensor, batch: dict[str, Any], terms: Mapping[str, Tensor] | None = None
+    ) -> Tensor:
+        """Stop on a NaN/inf loss, every rank together when any rank's is (one rank raising alone would
+        leave the others waiting in their next collective)."""
+        stop = not bool(torch.isfinite(loss))
+        if self._trainer is not None:
+            stop = self.trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            raise NonFiniteLossError(self._non_finite(loss, batch, terms or {}))
         return loss
+
+    def _non_finite(self, loss: Tensor, batch: dict[str, Any], terms: Mapping[str, Tensor]) -> str:
+        """One line: the loss, its first non-finite term, the step, the clips and the last good checkpoint."""
+        if torch.isfinite(loss):
+            what = "another rank's loss is not finite"
+        else:
+            bad = [f"{name} = {float(value)}" for name, value in terms.items() if not torch.isfinite(value)]
+            what = f"loss is {float(loss)}" + (f" (term {bad[0]})" if bad else "")
+        callback = self.trainer.checkpoint_callback if self._trainer is not None else None
+        checkpoint = getattr(callback, "last_model_path", "")
+        last = f"last good checkpoint: {checkpoint}" if checkpoint else "no checkpoint saved yet"
+        return f"{what} at step {self.global_step} on videos {batch['video_id']}; {last}"
 
 
 @dataclass
@@ -186,7 +199,7 @@ class SegmentationStage(TrainingStage):
             total = total + self.w_motion * motion.loss
             terms["motion"] = motion.loss
             self.log("train/motion_accuracy", motion.accuracy, batch_size=batch_size)
-        self.log("train/loss", self.check_finite(total, batch), prog_bar=True, batch_size=batch_size)
+        self.log("train/loss", self.check_finite(total, batch, terms), prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/loss_{name}": value for name, value in terms.items()}, batch_size=batch_size)
         return total
 

@@ -1,0 +1,90 @@
+"""Interrupted training loses nothing: a stage killed (SIGKILL) between checkpoints and continued with
+``resume=auto`` ends exactly as an uninterrupted run (the same losses step by step, the same val J&F) in the
+same folder and MLflow run, no step logged twice; a demo killed in stage 2 continues with stage 1 reused and
+prints the uninterrupted demo's table."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from interruptions import EXPERIMENTS_DIR, TINY_DEMO, TINY_STAGE, desa2va, die_at_step, metric_steps
+from mlflow.tracking import MlflowClient
+
+from lightning_desa2va.config import compose_config
+from lightning_desa2va.pipeline import ensure_synthetic_shards, run_pipeline
+from lightning_desa2va.runs import FINISHED, RUNNING, read_pipeline, read_record
+from lightning_desa2va.training import train_stage
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_stage_killed_between_checkpoints_resumes_to_the_uninterrupted_result(
+    tmp_path: Path, in_scratch_folder
+) -> None:
+    with in_scratch_folder(tmp_path) as store:
+        overrides = [*TINY_STAGE, store]
+        cfg = compose_config(overrides)
+        ensure_synthetic_shards(cfg)
+        uninterrupted = train_stage(cfg)
+    assert die_at_step(tmp_path, "train", "text_pretrain", 7, overrides) == -signal.SIGKILL
+    runs = tmp_path / "outputs" / "default" / "text_pretrain"
+    (killed,) = [folder for folder in runs.iterdir() if folder != uninterrupted.output_dir]
+    assert read_record(killed).status == RUNNING  # nothing ended it
+    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+    result = desa2va(tmp_path, "train", *overrides, "resume=auto")
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(runs.iterdir()) == sorted([uninterrupted.output_dir, killed])  # no third folder
+    record = read_record(killed)
+    assert record.status == FINISHED
+    assert record.results["val"] == uninterrupted.metrics  # val J&F and every other score, exactly
+    client = MlflowClient(tracking_uri=store.split("=", 1)[1])
+    experiment = client.get_experiment_by_name("desa2va")
+    assert len(client.search_runs([experiment.experiment_id])) == 2  # the resume continued the killed run
+    assert client.get_run(record.mlflow_run_id).info.status == "FINISHED"
+    losses = metric_steps(client, record.mlflow_run_id, "train/loss")
+    assert [step for step, _ in losses] == list(range(10))  # steps 4-6 ran twice, logged once
+    assert losses == metric_steps(client, uninterrupted.run_id, "train/loss")
+    assert metric_steps(client, record.mlflow_run_id, "val/JF") == metric_steps(
+        client, uninterrupted.run_id, "val/JF"
+    )
+
+
+def test_a_demo_killed_in_stage_2_resumes_with_stage_1_reused_and_prints_the_same_table(
+    tmp_path: Path, in_scratch_folder
+) -> None:
+    with in_scratch_folder(tmp_path) as store:
+        overrides = [*TINY_DEMO, store]
+        text, finetune = run_pipeline(overrides, EXPERIMENTS_DIR)
+    assert die_at_step(tmp_path, "demo", "decoupled_finetune", 5, overrides) == -signal.SIGKILL
+    outputs = tmp_path / "outputs" / "desa2va_tiny"
+    (pipeline,) = [
+        folder
+        for folder in (outputs / "pipelines").iterdir()
+        if str(text.output_dir) not in read_pipeline(folder).stages.values()
+    ]
+    stage_1 = Path(read_pipeline(pipeline).stages["text_pretrain"])
+    stage_1_record = read_record(stage_1)
+    assert stage_1_record.status == FINISHED
+
+    result = desa2va(tmp_path, "demo", *overrides, "resume=auto")
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_pipeline(pipeline).status == FINISHED
+    assert read_record(stage_1) == stage_1_record  # reused, not trained again
+    assert len(list((outputs / "text_pretrain").iterdir())) == 2
+    stage_2 = read_record(Path(read_pipeline(pipeline).stages["decoupled_finetune"]))
+    assert stage_2.results["val"] == finetune.metrics
+    assert stage_2.results["test"] == finetune.test_metrics
+    for score in (text.metrics["JF"], finetune.metrics["JF"], finetune.test_metrics["JF"]):
+        assert f"{score:.3f}" in result.stdout
+    assert "stage 2 (fused mask): no sample skipped" in result.stdout
