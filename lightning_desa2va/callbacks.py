@@ -114,10 +114,13 @@ class ResumableCheckpoint(ModelCheckpoint):
         else:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+    def on_validation_batch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        """Stop before the batch, saved as Lightning saves from inside a validation step (the batch marked
+        started): a run resumed from that checkpoint runs this validation again, from its first batch."""
         fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
         if fitting and (self._stop_in_validation or STOP.signum is not None):
-            self._save_and_stop(trainer)  # resumed, the run validates this step again from its first batch
+            trainer.fit_loop.epoch_loop.val_loop.batch_progress.increment_started()
+            self._save_and_stop(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._save_after_validation:

@@ -57,8 +57,16 @@ class DieAt(pl.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class TermInValidation(pl.Callback):
+    def on_validation_batch_start(self, trainer, *args):
+        if trainer.global_step == step and trainer.state.fn == "fit":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 def callbacks(cfg):
-    return [DieAt()] if cfg.run.choices.stage == stage else []
+    if cfg.run.choices.stage != stage:
+        return []
+    return [TermInValidation() if os.environ.get("SIGNAL") == "SIGTERM" else DieAt()]
 
 
 if job == "train":
@@ -79,6 +87,13 @@ def die_at_step(root: Path, job: str, stage: str, step: int, overrides: list[str
     ``step`` of ``stage``; its return code."""
     command = [sys.executable, "-c", DIE_AT_STEP, job, stage, str(step), *overrides]
     return subprocess.run(command, cwd=root, env=environment(), capture_output=True, text=True).returncode
+
+
+def term_in_validation(root: Path, step: int, overrides: list[str]) -> subprocess.CompletedProcess:
+    """Train one stage in a process that sends itself SIGTERM as the validation after ``step`` starts."""
+    command = [sys.executable, "-c", DIE_AT_STEP, "train", "text_pretrain", str(step), *overrides]
+    env = {**environment(), "SIGNAL": "SIGTERM"}
+    return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
 
 
 def desa2va(root: Path, *args: str) -> subprocess.CompletedProcess:

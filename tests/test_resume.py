@@ -5,18 +5,28 @@ prints the uninterrupted demo's table."""
 
 from __future__ import annotations
 
+import re
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from interruptions import EXPERIMENTS_DIR, TINY_DEMO, TINY_STAGE, desa2va, die_at_step, metric_steps
+from interruptions import (
+    EXPERIMENTS_DIR,
+    TINY_DEMO,
+    TINY_STAGE,
+    desa2va,
+    die_at_step,
+    metric_steps,
+    term_in_validation,
+)
 from mlflow.tracking import MlflowClient
 
 from lightning_desa2va.config import compose_config
 from lightning_desa2va.pipeline import ensure_synthetic_shards, run_pipeline
 from lightning_desa2va.runs import FINISHED, RUNNING, read_pipeline, read_record
-from lightning_desa2va.training import train_stage
+from lightning_desa2va.training import StageRun, train_stage
 
 
 @pytest.fixture(autouse=True)
@@ -26,37 +36,61 @@ def _keep_threads():
     torch.set_num_threads(threads)
 
 
-def test_a_stage_killed_between_checkpoints_resumes_to_the_uninterrupted_result(
-    tmp_path: Path, in_scratch_folder
-) -> None:
-    with in_scratch_folder(tmp_path) as store:
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, in_scratch_folder) -> tuple[Path, list[str], Any]:
+    """The tiny stage run without interruption: its scratch folder, overrides and run."""
+    root = tmp_path_factory.mktemp("resume")
+    with in_scratch_folder(root) as store:
         overrides = [*TINY_STAGE, store]
         cfg = compose_config(overrides)
         ensure_synthetic_shards(cfg)
-        uninterrupted = train_stage(cfg)
-    assert die_at_step(tmp_path, "train", "text_pretrain", 7, overrides) == -signal.SIGKILL
-    runs = tmp_path / "outputs" / "default" / "text_pretrain"
-    (killed,) = [folder for folder in runs.iterdir() if folder != uninterrupted.output_dir]
-    assert read_record(killed).status == RUNNING  # nothing ended it
-    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+        return root, overrides, train_stage(cfg)
 
-    result = desa2va(tmp_path, "train", *overrides, "resume=auto")
 
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(runs.iterdir()) == sorted([uninterrupted.output_dir, killed])  # no third folder
-    record = read_record(killed)
+def the_same_run(root: Path, store: str, run_dir: Path, uninterrupted: StageRun) -> None:
+    """``run_dir`` finished as ``uninterrupted`` did: the same scores and the same metrics step by step, each
+    step logged once, in one MLflow run."""
+    record = read_record(run_dir)
     assert record.status == FINISHED
     assert record.results["val"] == uninterrupted.metrics  # val J&F and every other score, exactly
     client = MlflowClient(tracking_uri=store.split("=", 1)[1])
-    experiment = client.get_experiment_by_name("desa2va")
-    assert len(client.search_runs([experiment.experiment_id])) == 2  # the resume continued the killed run
     assert client.get_run(record.mlflow_run_id).info.status == "FINISHED"
     losses = metric_steps(client, record.mlflow_run_id, "train/loss")
-    assert [step for step, _ in losses] == list(range(10))  # steps 4-6 ran twice, logged once
+    assert [step for step, _ in losses] == list(range(10))  # steps trained twice are logged once
     assert losses == metric_steps(client, uninterrupted.run_id, "train/loss")
-    assert metric_steps(client, record.mlflow_run_id, "val/JF") == metric_steps(
-        client, uninterrupted.run_id, "val/JF"
-    )
+    validations = metric_steps(client, record.mlflow_run_id, "val/JF")
+    assert len(validations) == 2  # neither skipped nor repeated
+    assert validations == metric_steps(client, uninterrupted.run_id, "val/JF")
+
+
+def test_a_stage_killed_between_checkpoints_resumes_to_the_uninterrupted_result(uninterrupted) -> None:
+    root, overrides, reference = uninterrupted
+    runs = root / "outputs" / "default" / "text_pretrain"
+    before = set(runs.iterdir())
+    assert die_at_step(root, "train", "text_pretrain", 7, overrides) == -signal.SIGKILL
+    (killed,) = set(runs.iterdir()) - before
+    assert read_record(killed).status == RUNNING  # nothing ended it
+    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+    result = desa2va(root, "train", *overrides, "resume=auto")
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert set(runs.iterdir()) == before | {killed}  # continued, not started anew
+    the_same_run(root, overrides[-1], killed, reference)
+
+
+def test_a_stage_stopped_during_a_validation_validates_again_when_resumed(uninterrupted) -> None:
+    root, overrides, reference = uninterrupted
+    stopped = term_in_validation(root, 5, overrides)
+    last = stopped.stderr.strip().splitlines()[-1]
+    match = re.search(r"SIGTERM: stopped at step 5, saved (\S+)", last)
+    assert match, stopped.stderr[-3000:]
+    checkpoint = Path(match[1])
+
+    result = desa2va(root, "train", *overrides, f"resume_from={checkpoint}")
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    the_same_run(root, overrides[-1], checkpoint.parent.parent, reference)
 
 
 def test_a_demo_killed_in_stage_2_resumes_with_stage_1_reused_and_prints_the_same_table(
