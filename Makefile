@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 MLFLOW_URI ?= sqlite:///mlflow.db
 ARGS ?=
 
-.PHONY: install test lint format demo pretrain-tiny sweep ablate-decoupler ablate-fusion ablate-loss ui clean-outputs
+.PHONY: install postgres services services-stop test lint format demo pretrain-tiny sweep ablate-decoupler ablate-fusion ablate-loss ui clean-outputs
 
 install: $(STAMP)
 
@@ -22,7 +22,21 @@ $(STAMP): requirements.lock pyproject.toml
 	$(UV) pip install --python $(BIN)/python --no-deps -e .
 	touch $(STAMP)
 
-test: install
+# PostgreSQL from Debian's packages (shared sweeps, the MLflow server's store; the tests start their own).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+postgres:
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ( $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends postgresql )
+
+# A team's PostgreSQL and MLflow tracking server on this machine, on 127.0.0.1 (docs/scale.md).
+SERVICES_DIR ?= .services
+services: install postgres
+	$(BIN)/desa2va services start --folder $(SERVICES_DIR)
+
+services-stop: install
+	$(BIN)/desa2va services stop --folder $(SERVICES_DIR)
+
+test: install postgres
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q
@@ -59,4 +73,4 @@ ui: install
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_URI) --host 127.0.0.1 --port 5000
 
 clean-outputs:
-	rm -rf outputs mlruns mlflow.db
+	rm -rf outputs mlruns mlflow.db mlflow.db.lock

@@ -31,6 +31,10 @@ class NonFiniteLossError(RuntimeError):
     step, the loss term, the batch's videos and the last good checkpoint)."""
 
 
+class ServiceError(RuntimeError):
+    """A local service (PostgreSQL, the MLflow server) that cannot be installed, started or reached."""
+
+
 class RunInterrupted(BaseException):
     """SIGTERM or SIGINT stopped a run after it saved what it had (its ``last.ckpt``); commands exit with
     ``128 + signum`` (143 for SIGTERM, 130 for SIGINT), as a shell reports a process ended by that signal.

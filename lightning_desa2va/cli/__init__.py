@@ -11,7 +11,7 @@ from pathlib import Path
 
 from hydra.errors import HydraException, InstantiationException
 
-from lightning_desa2va.cli import predict, pretrain, runs, shards, sweep
+from lightning_desa2va.cli import predict, pretrain, runs, services, shards, sweep
 from lightning_desa2va.cli.help import EXAMPLES, HelpFormatter
 from lightning_desa2va.config import ConfigError
 from lightning_desa2va.console import quiet_third_party_output
@@ -22,13 +22,14 @@ from lightning_desa2va.errors import (
     NonFiniteLossError,
     ResumeError,
     RunInterrupted,
+    ServiceError,
     VideoError,
     WeightsFormatError,
 )
 from lightning_desa2va.signals import STOP_SIGNALS, stop_at_once
 
 LIGHTNING_LOGGER = "lightning"
-COMMAND_MODULES = (runs, predict, pretrain, shards, sweep)
+COMMAND_MODULES = (runs, predict, pretrain, shards, sweep, services)
 """Modules with a ``register(commands)`` function, in the order ``--help`` lists their subcommands."""
 
 USER_ERRORS = (
@@ -42,6 +43,7 @@ USER_ERRORS = (
     ExpressionError,
     ResumeError,
     NonFiniteLossError,
+    ServiceError,
 )
 """Errors that are the input's fault (or say all there is to say, like a NaN loss): printed as one line naming
 it, without a traceback."""
