@@ -35,20 +35,24 @@ def union_of_objects(instance_masks: Tensor) -> Tensor:
     return instance_masks > BACKGROUND_ID
 
 
-def union_baseline_scores(loader: Iterable[dict[str, Any]]) -> dict[str, float]:
-    """J&F of the union-of-objects prediction over every batch of ``loader``."""
-    metric = JFMetric()
+def union_baseline_scores(
+    loader: Iterable[dict[str, Any]], device: torch.device | None = None
+) -> dict[str, float]:
+    """J&F of the union-of-objects prediction over every batch of ``loader`` (on ``device``; in distributed
+    training every rank scores its share and the metric gathers them)."""
+    metric = JFMetric().to(device or torch.device("cpu"))
     for batch in loader:
-        metric.update(
-            union_of_objects(batch["instance_masks"]), batch["target_masks"], batch["expression_type"]
-        )
+        union = union_of_objects(batch["instance_masks"]).to(metric.device)
+        metric.update(union, batch["target_masks"].to(metric.device), batch["expression_type"])
     return metric.compute()
 
 
-def score_union_baseline(datamodule: RefVOSDataModule, logger: Logger | None, split: str) -> dict[str, float]:
+def score_union_baseline(
+    datamodule: RefVOSDataModule, logger: Logger | None, split: str, device: torch.device | None = None
+) -> dict[str, float]:
     """J&F on ``split`` of predicting every object of the clip: what segmenting without referring gets."""
     loader = datamodule.val_dataloader() if split == VAL else datamodule.test_dataloader()
-    scores = union_baseline_scores(loader)
+    scores = union_baseline_scores(loader, device)
     if logger is not None:
         logger.log_metrics({f"{split}/{UNION_BASELINE}/{name}": value for name, value in scores.items()})
     return scores

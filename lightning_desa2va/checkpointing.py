@@ -10,7 +10,6 @@ names a truncated or foreign file in one line.
 
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -22,29 +21,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 
 from lightning_desa2va.errors import CheckpointError
-
-TEMPORARY_SUFFIX = ".partial"
-
-
-def atomic_write(path: Path, write: Any) -> Path:
-    """Call ``write(temporary_path)``, then move the result onto ``path`` in one rename (same folder, so the
-    same file system); on failure the temporary file goes and ``path`` is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}{TEMPORARY_SUFFIX}")
-    try:
-        write(temporary)
-        with open(temporary, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    """``path.write_text(text)``, but whole or not at all (run records, configs, study files)."""
-    return atomic_write(path, lambda temporary: Path(temporary).write_text(text))
+from lightning_desa2va.files import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -27,6 +27,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from lightning_desa2va.config_bounds import bound_violation
+from lightning_desa2va.files import atomic_write_text
 
 CONFIG_MODULE = "lightning_desa2va.configs"
 HYDRA_VERSION_BASE = "1.3"
@@ -107,6 +108,7 @@ class RunConfig:
     eval: Any = None
     data: Any = None
     trainer: Any = None
+    strategy: Any = None
     logger: Any = None
     synthetic: SyntheticShardsConfig = field(default_factory=lambda: SyntheticShardsConfig())
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -272,6 +274,4 @@ def _check_type(full_key: str, value: Any, hint: Any) -> None:
 
 def save_config(cfg: DictConfig, path: Path) -> Path:
     """Write the resolved config next to a run's outputs, so the run can be reproduced from it alone."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    return path
+    return atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))

@@ -64,9 +64,17 @@ def checkpoint_resume(cfg: DictConfig, checkpoint: Path) -> Resume | None:
     if run_dir is None:
         log.info("%s is in no run folder: a new run continues its training", checkpoint)
         return None
-    if is_alive(run_dir):
+    if is_alive(run_dir) and not other_rank():
         raise ResumeError(f"cannot resume {run_dir}: another process is running it")
     return checked(cfg, run_dir, Path(checkpoint))
+
+
+def other_rank() -> bool:
+    """Whether this process is a rank other than 0 of a distributed run (from the launcher's environment):
+    it follows rank 0, which holds the run's lock by the time this rank looks."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return rank_zero_only.rank != 0
 
 
 def newest_unfinished(cfg: DictConfig) -> Resume | None:
@@ -86,7 +94,7 @@ def unfinished_run(cfg: DictConfig, run_dir: Path) -> Resume | None:
     """``run_dir`` as a run to continue under ``cfg``, or ``None`` when it finished, is running or was
     composed otherwise (logged); a damaged checkpoint is an error (it would be silently lost otherwise)."""
     record = read_record(run_dir)
-    if record.status == FINISHED or is_alive(run_dir):
+    if record.status == FINISHED or (is_alive(run_dir) and not other_rank()):
         return None
     try:
         return checked(cfg, run_dir, last_checkpoint(run_dir))

@@ -21,7 +21,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig
 
-from lightning_desa2va.checkpointing import atomic_write_text
+from lightning_desa2va.files import atomic_write_text
 
 RUN_FILE = "run.json"
 PIPELINE_FILE = "pipeline.json"

@@ -119,11 +119,13 @@ def train_stage(
     parts.datamodule.require_splits(TRAIN, VAL, *([TEST] if score_test else []))
     logger = build_logger(cfg, resume.record.mlflow_run_id if resume else None, run_name, tags or {})
     trainer = build_trainer(cfg, logger or False, callbacks)
-    with stage_attempt(cfg, logger, resume) as output_dir:
-        if on_open is not None:
-            on_open(output_dir)
-        point_checkpoints_at(trainer, output_dir / CHECKPOINTS_DIR)
-        log.info("run folder: %s", output_dir)
+    attempt = stage_attempt(cfg, logger, resume) if trainer.is_global_zero else other_rank(cfg, resume)
+    with attempt as output_dir:
+        if trainer.is_global_zero:  # other ranks checkpoint into rank 0's folder: Lightning broadcasts it
+            point_checkpoints_at(trainer, output_dir / CHECKPOINTS_DIR)
+            if on_open is not None:
+                on_open(output_dir)
+            log.info("run folder: %s", output_dir)
         checkpoint = resume.checkpoint if resume else None
         with STOP.listening():
             trainer.fit(parts.stage, datamodule=parts.datamodule, ckpt_path=checkpoint, weights_only=True)
@@ -139,15 +141,26 @@ def train_stage(
         # The union baseline measures referring; stages that output no masks (VLM pre-training) skip it.
         referring = isinstance(parts.stage, SegmentationStage)
         if referring:
-            run.baseline = score_union_baseline(parts.datamodule, trainer.logger, VAL)
+            run.baseline = score_union_baseline(
+                parts.datamodule, trainer.logger, VAL, trainer.strategy.root_device
+            )
         if score_test:
             scores = trainer.test(parts.stage, parts.datamodule, verbose=False)[0]
             run.test_metrics = split_metrics(scores, TEST)
             if referring:
-                run.test_baseline = score_union_baseline(parts.datamodule, trainer.logger, TEST)
+                device = trainer.strategy.root_device
+                run.test_baseline = score_union_baseline(parts.datamodule, trainer.logger, TEST, device)
         run.skipped = parts.datamodule.skipped()
-        finish_record(run)
+        if trainer.is_global_zero:
+            finish_record(run)
     return run
+
+
+@contextmanager
+def other_rank(cfg: DictConfig, resume: Resume | None) -> Iterator[Path]:
+    """What a rank other than 0 of a distributed run keeps: nothing. Rank 0 makes the run's folder, records
+    and MLflow run (the logger logs from rank 0 only); this rank trains beside it."""
+    yield resume.run_dir if resume else Path(cfg.paths.output_dir)
 
 
 @contextmanager
@@ -189,8 +202,9 @@ def open_attempt(cfg: DictConfig, logger: Logger | None, output_dir: Path, resum
     tracking_uri = cfg.logger.tracking_uri if cfg.logger is not None else None
     run_id = logger.run_id if isinstance(logger, MLFlowLogger) else None
     record = RunRecord(cfg.run.experiment, cfg.run.choices.stage, run_id, tracking_uri, now())
+    saved = save_config(cfg, output_dir / "config.yaml")  # before the record, which makes the run visible
     write_record(output_dir, record)
-    log_run_config(logger, cfg, save_config(cfg, output_dir / "config.yaml"))
+    log_run_config(logger, cfg, saved)
     tag_run(logger, cfg)
 
 

@@ -81,7 +81,11 @@ def _demo(args: argparse.Namespace) -> None:
 
 def print_runs(runs: list[StageRun]) -> None:
     """The val table of every stage (and the test table of those scored on test), then where the runs are
-    and what the data pipelines skipped."""
+    and what the data pipelines skipped; printed by rank 0 alone in distributed training."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank != 0:
+        return
     footer = [f"{run.label}: MLflow run {run.run_id}, outputs in {run.output_dir}" for run in runs]
     footer += [skipped_line(run) for run in runs]
     footer.append(UI_HINT)

@@ -32,9 +32,9 @@ class SkippedDataLogger(pl.Callback):
         if skipped is None or trainer.logger is None:
             return
         counts = skipped()
-        summed = trainer.strategy.reduce(
-            torch.tensor(list(counts.values()), dtype=torch.float64), reduce_op="sum"
-        )
+        # on the module's device: a GPU run's collectives (NCCL) take no CPU tensors
+        local = torch.tensor(list(counts.values()), dtype=torch.float64, device=trainer.strategy.root_device)
+        summed = trainer.strategy.reduce(local, reduce_op="sum")
         metrics = {
             f"{SKIPPED_PREFIX}{reason}": float(n) for reason, n in zip(counts, summed.tolist(), strict=True)
         }

@@ -173,7 +173,7 @@ class RefVOSDataModule(pl.LightningDataModule):
         check_schema_version(self.data_dir)
         urls = split_urls(self.data_dir, split)
         handler = error_handler(self.on_error, urls, self.skips[split])
-        samples = self._expressions(shard_reader(urls, handler, split=True), handler)
+        samples = self._expressions(shard_reader(urls, handler, split=True, split_samples=True), handler)
         return samples.compose(wds.map(lambda pair: self.eval_encoder(*pair), handler=handler))
 
     def _plain_train(self) -> TrainStream:

@@ -252,17 +252,39 @@ def shard_reader(
     split: bool = False,
     shuffle_seed: int | None = None,
     epoch: int = 0,
+    split_samples: bool = False,
 ) -> webdataset.DataPipeline:
-    """Raw samples of the shards: split by node and worker (``split``), shards shuffled by ``shuffle_seed``
-    and ``epoch`` when a seed is given, each tar checked whole before it is read."""
+    """Raw samples of the shards: shards split by node and worker (``split``; with ``split_samples`` by worker
+    only, each rank keeping its share of every shard's samples), shuffled by ``shuffle_seed`` and ``epoch``
+    when a seed is given, each tar checked whole before it is read."""
     stages: list[Any] = [webdataset.SimpleShardList(urls)]
     if split:
-        stages += [webdataset.split_by_node, webdataset.split_by_worker]
+        stages += (
+            [webdataset.split_by_worker]
+            if split_samples
+            else [webdataset.split_by_node, webdataset.split_by_worker]
+        )
     if shuffle_seed is not None:
         # detshuffle counts passes itself, from the epoch it is given + 1
         stages.append(webdataset.detshuffle(len(urls), seed=shuffle_seed, epoch=epoch - 1))
     stages += [verified(handler), webdataset.tarfile_to_samples(handler=handler)]
+    if split and split_samples:
+        stages.append(split_samples_by_node)
     return webdataset.DataPipeline(*stages)
+
+
+def split_samples_by_node(samples: Iterable[dict]) -> Iterator[dict]:
+    """This rank's share of each shard's samples: every world-size-th by its place in the shard. Every rank
+    reads every shard, so an evaluation split scores each sample exactly once however few shards it has
+    (split by shard, a rank could get none, and wait for ever for the others at the end)."""
+    rank, world_size, _, _ = webdataset.utils.pytorch_worker_info()
+    places: dict[str, int] = {}
+    for sample in samples:
+        url = sample.get("__url__", "")
+        place = places.get(url, 0)
+        places[url] = place + 1
+        if place % world_size == rank:
+            yield sample
 
 
 def _reason(exn: BaseException) -> str:
