@@ -137,13 +137,15 @@ class TrialObjective:
         except optuna.TrialPruned:
             self._record(trial, training, started)
             self.runs.end_run(run_id, TrialState.PRUNED, {})
+            self.running = None
             raise
-        except BaseException:
+        except BaseException as error:
             self._record(trial, training, started)
             self.runs.end_run(run_id, TrialState.FAIL, {})
+            if isinstance(error, Exception):  # an interrupt keeps `running` for the loop to re-queue it
+                self.running = None
             raise
-        finally:
-            self.running = None
+        self.running = None
         self._record(trial, training, started)
         objectives = self.objective_values(training)
         trial.set_user_attr(VAL_ATTR, [run.metrics for run in training.results])
