@@ -98,6 +98,7 @@ def _ui(args: argparse.Namespace) -> None:
         if VIEW_TAG in experiment.tags:
             print(f"study {experiment.name}: {address}{experiment.tags[VIEW_TAG]}")
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", args.backend_store_uri]
+    sys.stdout.flush()  # exec replaces the process: what was printed must be out first
     os.execv(sys.executable, [*command, "--host", LOOPBACK, "--port", str(args.port)])
 
 
