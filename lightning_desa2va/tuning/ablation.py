@@ -125,10 +125,12 @@ def interval_cell(interval: Interval | None) -> str:
 
 
 def difference_cell(difference: Interval | None) -> str:
-    """``+0.170 [+0.151, +0.188]``, with ``≈`` when the interval contains 0."""
+    """``+0.170 [+0.151, +0.188] p=0.000``, with ``≈`` when the interval contains 0."""
     if difference is None:
         return MISSING
-    text = f"{difference.value:+.3f} [{difference.low:+.3f}, {difference.high:+.3f}]"
+    text = (
+        f"{difference.value:+.3f} [{difference.low:+.3f}, {difference.high:+.3f}] p={difference.p_value:.3f}"
+    )
     return f"{text} {SAME}" if difference.contains_zero else text
 
 
@@ -137,7 +139,8 @@ def table_title(spec: SweepSpec, what: str) -> str:
     return (
         f"{spec.name}: {what} on the test split ({spec.profile} profile); mean ± std over seeds; "
         f"{level}% CI: bootstrap over expressions × seeds ({spec.stats.resamples} resamples); "
-        f"Δ: paired bootstrap over the same expressions and seeds, {SAME}: its CI contains 0 (not told apart)"
+        f"Δ [CI] p: paired bootstrap over the same expressions and seeds (two-sided p), "
+        f"{SAME}: the CI contains 0 (not told apart)"
     )
 
 

@@ -16,7 +16,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from lightning_desa2va.tuning.ablation import AblationReport, Variant, write_report
-from lightning_desa2va.tuning.mlflow_runs import CONFIRM_ROLE, best_trials
+from lightning_desa2va.tuning.mlflow_runs import CONFIRM_ROLE, PARENT_RUN_ATTR, best_trials
 from lightning_desa2va.tuning.objective import NAME_ATTR, Training, TrialObjective
 from lightning_desa2va.tuning.spec import SweepSpec, confirm_seeds, merge_overrides, param_overrides
 
@@ -38,7 +38,7 @@ def chosen(study: optuna.Study, spec: SweepSpec) -> list[FrozenTrial]:
 def confirm(study: optuna.Study, spec: SweepSpec, objective: TrialObjective) -> list[FrozenTrial]:
     """Train and score on test each chosen configuration's missing seeds; the trials confirmed."""
     trials = chosen(study, spec)
-    parent_id = study.user_attrs["mlflow_parent_run_id"]
+    parent_id = study.user_attrs[PARENT_RUN_ATTR]
     for trial in trials:
         key = CONFIRM_ATTR.format(number=trial.number)
         done: dict[str, Any] = dict(study.user_attrs.get(key, {}))
