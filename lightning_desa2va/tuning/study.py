@@ -6,8 +6,9 @@ file (Optuna's JournalStorage, for several workers on a file system without a da
 heartbeat per running trial; a trial whose process died is failed on the next start and re-queued once
 (:class:`~lightning_desa2va.tuning.mlflow_runs.RetryStaleTrial`).
 
-Several workers share one study: each loop starts a trial only while the finished, running and queued trials
-fall short of ``n_trials``, so the study ends with that many finished trials however many workers run it.
+Several workers share one study: each loop starts trials (Optuna's ``study.optimize`` with its
+``MaxTrialsCallback``) only while the finished and running trials fall short of ``n_trials``, so the study ends
+with that many finished trials however many workers run it. SIGINT and SIGTERM stop the loop cleanly.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def heartbeats(url: str) -> bool:
     return not url.endswith(JOURNAL_SUFFIX)
 
 
-def open_storage(url: str, spec: SweepSpec, retry: RetryStaleTrial) -> BaseStorage:
+def open_storage(url: str, spec: SweepSpec, retry: RetryStaleTrial | None) -> BaseStorage:
     """The study's storage; RDB storage with heartbeats and ``retry`` for dead trials."""
     if not heartbeats(url):
         Path(url).parent.mkdir(parents=True, exist_ok=True)
