@@ -7,8 +7,8 @@ heartbeat per running trial; a trial whose process died is failed on the next st
 (:class:`~lightning_desa2va.tuning.mlflow_runs.RetryStaleTrial`).
 
 Several workers share one study: each loop starts trials (Optuna's ``study.optimize`` with its
-``MaxTrialsCallback``) only while the finished and running trials fall short of ``n_trials``, so the study ends
-with that many finished trials however many workers run it. SIGINT and SIGTERM stop the loop cleanly.
+``MaxTrialsCallback``) only while the finished and running trials fall short of ``n_trials``, so the study
+ends with that many finished trials however many workers run it. SIGINT and SIGTERM stop the loop cleanly.
 """
 
 from __future__ import annotations
