@@ -116,20 +116,20 @@ def run_sweep(
     log.info("compare the trials in MLflow (make ui): %s", url)
     progress = StudyProgress(spec.name, setup.n_trials, spec.metric[0])
     try:
-        try:
-            if workers == 1:
-                work(study, objective, setup.n_trials, retry, [progress.refresh])
-            else:
-                _run_workers(setup, workers, study, progress)
-        finally:
-            progress.refresh(study)
-            progress.close()
-        report = summarise(study, spec, objective, folder)
-        files = [folder / "trials.csv", *(report.files if report else [])]
-        study.trials_dataframe().to_csv(files[0], index=False)
-        runs.log_summary(
-            parent_id, study, save_plots(study, spec, folder), files, description(spec, report, url)
-        )
+        with stop_on_signals():
+            try:
+                if workers == 1:
+                    work(study, objective, setup.n_trials, retry, [progress.refresh])
+                else:
+                    _run_workers(setup, workers, study, progress)
+            finally:
+                progress.refresh(study)
+                progress.close()
+            report = summarise(study, spec, objective, folder)
+            files = [folder / "trials.csv", *(report.files if report else [])]
+            study.trials_dataframe().to_csv(files[0], index=False)
+            plots = save_plots(study, spec, folder)
+            runs.log_summary(parent_id, study, plots, files, description(spec, report, url))
     except RunInterrupted:
         runs.finish_parent(parent_id, RunStatus.KILLED)
         raise
@@ -148,8 +148,7 @@ def summarise(
         return build_report(study, spec, folder)
     if not spec.confirm.top or not count_trials(study).complete:
         return None
-    with stop_on_signals():
-        confirm(study, spec, objective)
+    confirm(study, spec, objective)
     return confirmation_report(study, spec, folder)
 
 
@@ -168,18 +167,17 @@ def _run_workers(setup: _Setup, workers: int, study: optuna.Study, progress: Stu
     processes = [context.Process(target=_worker, args=(setup,), name=f"worker-{i}") for i in range(workers)]
     for process in processes:
         process.start()
-    with stop_on_signals():
-        try:
-            while any(process.is_alive() for process in processes):
-                progress.refresh(study)
-                time.sleep(POLL_S)
-        except RunInterrupted:
-            for process in processes:
-                if process.is_alive():
-                    process.terminate()
-            for process in processes:
-                process.join(JOIN_S)
-            raise
+    try:
+        while any(process.is_alive() for process in processes):
+            progress.refresh(study)
+            time.sleep(POLL_S)
+    except RunInterrupted:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        for process in processes:
+            process.join(JOIN_S)
+        raise
     failed = [process.name for process in processes if process.exitcode != 0]
     if failed:
         raise RuntimeError(f"sweep workers {', '.join(failed)} exited with an error (see their log above)")
