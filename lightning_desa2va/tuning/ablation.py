@@ -45,6 +45,7 @@ CI_COLUMN, CONTROL_COLUMN, BEST_COLUMN = "J&F 95% CI", "Δ vs control", "Δ vs b
 SECONDS_COLUMN = "wall s"
 BASELINE_LABEL = "Sa2VA baseline"
 SAME = "≈"
+P_SHOWN = 0.001  # p-values are shown to 3 decimals
 MISSING = "-"
 TABLE_FILE = "ablation.md"
 MIN_GROUP_INCHES = 1.6
