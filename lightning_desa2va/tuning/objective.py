@@ -30,7 +30,12 @@ from optuna.trial import TrialState
 from lightning_desa2va.config import compose_config
 from lightning_desa2va.data.datamodule import VAL
 from lightning_desa2va.pipeline import StageRun, run_pipeline
-from lightning_desa2va.tuning.callbacks import ExpressionScoreRecorder, StepPruningCallback, TrialMeasures
+from lightning_desa2va.tuning.callbacks import (
+    ExpressionScoreRecorder,
+    MissingMetricError,
+    StepPruningCallback,
+    TrialMeasures,
+)
 from lightning_desa2va.tuning.metric_names import TRIAL_MEASURES
 from lightning_desa2va.tuning.mlflow_runs import (
     PARENT_RUN_ATTR,
@@ -169,8 +174,11 @@ class TrialObjective:
         for metric in self.spec.metric:
             if metric in TRIAL_MEASURES:
                 values.append(measures[metric])
-            else:
+            elif all(metric in run.metrics for run in training.results):
                 values.append(statistics.fmean(run.metrics[metric] for run in training.results))
+            else:
+                logged = ", ".join(sorted(training.results[-1].metrics))
+                raise MissingMetricError(f"the last stage logged no val/{metric} (it logged {logged})")
         return values
 
     @property
