@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 MLFLOW_URI ?= sqlite:///mlflow.db
 ARGS ?=
 
-.PHONY: install postgres services services-stop test lint format demo pretrain-tiny sweep ablate-decoupler ablate-fusion ablate-loss ui clean-outputs
+.PHONY: install postgres services services-stop test lint format demo pretrain-tiny sweep ablate-decoupler ablate-fusion ablate-loss ui dashboard clean-outputs
 
 install: $(STAMP)
 
@@ -63,14 +63,20 @@ WORKERS ?= 1
 sweep: install
 	$(BIN)/desa2va sweep $(SWEEP) --workers $(WORKERS) $(ARGS)
 
-# Ablations: grid studies printing mean ± std on test per variant, the Sa2VA control a row (sweeps/ablate_*.yaml);
-# ABLATE_PROFILE=quick runs the short version.
+# Ablations: grid studies printing mean ± std, 95% intervals and paired differences on test per variant, the Sa2VA
+# control a row (sweeps/ablate_*.yaml); ABLATE_PROFILE=quick runs the short version.
 ABLATE_PROFILE ?= default
 ablate-decoupler ablate-fusion ablate-loss: ablate-%: install
 	$(BIN)/desa2va sweep sweeps/ablate_$*.yaml --profile $(ABLATE_PROFILE) --workers $(WORKERS) $(ARGS)
 
+# MLflow's UI on 127.0.0.1:5000; first prints each study's comparison URL (its trial runs, sorted, J&F columns).
 ui: install
-	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_URI) --host 127.0.0.1 --port 5000
+	$(BIN)/desa2va ui --backend-store-uri $(MLFLOW_URI) --port 5000
+
+# optuna-dashboard on 127.0.0.1:8080 on the storage of SWEEP's study (PROFILE=quick for a quick run's study).
+PROFILE ?= default
+dashboard: install
+	$(BIN)/desa2va dashboard $(SWEEP) --profile $(PROFILE)
 
 clean-outputs:
 	rm -rf outputs mlruns mlflow.db mlflow.db.lock

@@ -1,9 +1,10 @@
 """The Sa2VA control vs the DeSa2VA default, each with the flow-match motion prompt on and off, 3 seeds each
-and the same total training steps, scored on the test split (issue 12).
+and the same total training steps, scored on the test split.
 
 A thin script over the ablation machinery: the grid study ``sweeps/quality.yaml`` (experiment × motion_prompt
 × seed), so an interrupted run resumes where it stopped. Prints mean ± std J&F overall / static / motion /
-mixed, QA accuracy, the diagnostics and the wall time per arm, and logs the table and chart to MLflow.
+mixed with J&F's 95% bootstrap interval and its paired difference from the Sa2VA control, QA accuracy, the
+diagnostics and the wall time per arm, and logs the table and chart to MLflow.
 
     python benchmarks/quality.py --profile quick     # 2 seeds, 60 steps an arm, small data: minutes
     python benchmarks/quality.py                     # 3 seeds, 2,000 steps an arm: hours on 2 cores
@@ -35,7 +36,7 @@ def main() -> None:
     quiet_third_party_output()
     result = run_sweep(load_spec(SPEC, args.profile), args.overrides, workers=args.workers)
     assert result.report is not None  # quality.yaml is an ablation grid
-    print_table(result.report.table, summary_lines(result))
+    print_table(result.report.table, [*result.report.notes, *summary_lines(result)])
     failure = nothing_completed(result)
     if failure:
         sys.exit(failure)

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 
 from lightning_desa2va.console import TextTable, print_table, quiet_third_party_output
 from lightning_desa2va.tuning.objective import STEPS_ATTR
-from lightning_desa2va.tuning.spec import load_spec, number_of_trials
+from lightning_desa2va.tuning.spec import ConfirmSpec, load_spec, number_of_trials
 from lightning_desa2va.tuning.sweep import run_sweep
 
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
@@ -48,11 +48,13 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet_third_party_output()
-    search = load_spec(SEARCH, args.profile)
+    # Both studies are compared on what they choose on (val): neither is confirmed on test here.
+    no_confirmation = ConfirmSpec(top=0)
+    search = dataclasses.replace(load_spec(SEARCH, args.profile), confirm=no_confirmation)
     if args.budget is not None:
         search = dataclasses.replace(search, n_trials=args.budget, name=f"{search.name}-budget{args.budget}")
     found, spent = best_and_steps(run_sweep(search, args.overrides, workers=args.workers).study)
-    grid = load_spec(GRID, args.profile)
+    grid = dataclasses.replace(load_spec(GRID, args.profile), confirm=no_confirmation)
     grid_best, grid_steps = best_and_steps(run_sweep(grid, args.overrides, workers=args.workers).study)
     share = spent / grid_steps if grid_steps else float("nan")
     gap = grid_best - found

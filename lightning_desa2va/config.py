@@ -44,6 +44,8 @@ HYDRA_KEY = "hydra"
 
 # `${shipped_foundations:}` in a config is the folder of the tiny foundations that ship with the package.
 OmegaConf.register_new_resolver("shipped_foundations", lambda: str(SHIPPED_FOUNDATIONS_DIR), replace=True)
+# `${sum:a,b}`: a value derived from others, e.g. the Sa2VA control's steps from the default's stages.
+OmegaConf.register_new_resolver("sum", lambda *values: sum(values), replace=True)
 
 
 class ConfigError(ValueError):
@@ -67,6 +69,9 @@ class PipelineConfig:
     the checkpoint of the one before."""
 
     stages: list[str] = field(default_factory=lambda: ["text_pretrain", "decoupled_finetune"])
+    steps: dict[str, int] = field(default_factory=dict)
+    """Training steps by stage (the stages' ``trainer.max_steps``), set in one place so that a control with
+    fewer stages can take their sum (``experiments/sa2va_baseline.yaml``)."""
     stage_overrides: dict[str, list[str]] = field(default_factory=dict)
     """Hydra overrides by stage name, applied whenever that stage is composed (before the command line's):
     an experiment's values for one stage only, e.g. stage 2's LoRA rank, which stage 1 has no key for."""

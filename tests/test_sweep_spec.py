@@ -3,8 +3,14 @@ every variant and print a table that names each one and the Sa2VA baseline."""
 
 from __future__ import annotations
 
+import os
+import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution
@@ -12,8 +18,15 @@ from optuna.trial import TrialState
 
 from lightning_desa2va.cli import main
 from lightning_desa2va.config import config_groups
-from lightning_desa2va.tuning.ablation import BASELINE_LABEL, ablation_table, chart_label, collect_variants
-from lightning_desa2va.tuning.objective import TEST_ATTR
+from lightning_desa2va.tuning.ablation import (
+    BASELINE_LABEL,
+    chart_label,
+    collect_variants,
+    comparison_table,
+    table_title,
+)
+from lightning_desa2va.tuning.checks import check_trial_configs
+from lightning_desa2va.tuning.objective import EXPRESSIONS_ATTR, STEPS_ATTR, TEST_ATTR
 from lightning_desa2va.tuning.spec import (
     SweepSpecError,
     base_overrides,
@@ -21,9 +34,9 @@ from lightning_desa2va.tuning.spec import (
     merge_overrides,
     param_overrides,
 )
-from lightning_desa2va.tuning.sweep import check_trial_configs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+BAD_SPEC_SECONDS = 10
 SWEEPS = REPO_ROOT / "sweeps"
 EXPERIMENTS = REPO_ROOT / "experiments"
 GOOD = """
@@ -56,12 +69,81 @@ def write_spec(tmp_path: Path, text: str) -> Path:
         (("sampler: tpe", "sampler: tpe\nseeds: 0"), "seeds"),
         (("sampler: tpe", "sampler: tpe\nbaseline: sa2va"), "baseline"),
         (("sampler: tpe", "sampler: tpe\nmetirc: JF"), "metirc"),
+        (("sampler: tpe", "sampler: tpe\nmetric: JFF"), "metric"),
+        (("sampler: tpe", "sampler: tpe\nablation: true"), "ablation"),
+        (("sampler: tpe", "sampler: tpe\nmetric: [JF, step_s]\ndirection: [maximize, minimize]"), "pruner"),
+        (("sampler: tpe", "sampler: tpe\nmetric: [JF, step_s]\npruner: none"), "direction"),
+        (("sampler: tpe", "sampler: tpe\nmetric: step_s\ndirection: minimize"), "pruner"),
     ],
 )
 def test_a_bad_spec_fails_naming_its_field(tmp_path, change, field):
     path = write_spec(tmp_path, GOOD.replace(*change))
     with pytest.raises(SweepSpecError, match=f"field '{field}'"):
         load_spec(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "suggested"),
+    [
+        (("sampler: tpe", "sampler: tpe\nmetirc: JF"), "metric"),
+        (("sampler: tpe", "sampler: tpe\nmetric: JFF"), "JF"),
+    ],
+)
+def test_a_near_miss_key_or_metric_gets_a_did_you_mean(tmp_path, change, suggested):
+    with pytest.raises(SweepSpecError, match=f"did you mean '{suggested}'"):
+        load_spec(write_spec(tmp_path, GOOD.replace(*change)))
+
+
+def test_a_wrong_metric_fails_before_any_trial_in_seconds(tmp_path):
+    """The command reads and checks the spec before importing the model stack: one line, no study made."""
+    path = write_spec(tmp_path, GOOD.replace("sampler: tpe", "sampler: tpe\nmetric: val_JF"))
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "lightning_desa2va.cli", "sweep", str(path)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert time.monotonic() - started < BAD_SPEC_SECONDS
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "field 'metric'" in done.stderr and "did you mean 'JF'" in done.stderr
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "data").exists()
+
+
+def test_a_metric_the_last_stage_does_not_log_fails_before_any_trial(tmp_path):
+    text = GOOD.replace(
+        "sampler: tpe", "sampler: tpe\nmetric: qa_accuracy\noverrides: ['pipeline.stages=[text_pretrain]']"
+    )
+    spec = load_spec(write_spec(tmp_path, text))
+    with pytest.raises(SweepSpecError, match="field 'metric'.*stage text_pretrain logs"):
+        check_trial_configs(spec, base_overrides(spec, []), EXPERIMENTS)
+
+
+def test_an_ablation_whose_arms_train_unequal_steps_is_refused():
+    """``trainer.max_steps`` sets every stage alike: DeSa2VA then trains twice the Sa2VA control's steps."""
+    spec = load_spec(SWEEPS / "ablate_decoupler.yaml", "quick")
+    with pytest.raises(
+        SweepSpecError,
+        match=(
+            r"different total steps: 10 \(text_pretrain 5 \+ decoupled_finetune 5\): the base, "
+            r"decoupler=none.*; 5 \(decoupled_finetune 5\): experiment=sa2va_baseline; set"
+        ),
+    ):
+        check_trial_configs(spec, base_overrides(spec, ["trainer.max_steps=5"]), EXPERIMENTS)
+
+
+def test_the_sa2va_control_trains_the_sum_of_the_default_stages(compose):
+    steps = "pipeline.steps={text_pretrain:7,decoupled_finetune:3}"
+    control = compose("experiment=sa2va_baseline", steps)
+    assert list(control.pipeline.stages) == ["decoupled_finetune"] and control.trainer.max_steps == 10
+    default = [
+        compose("experiment=desa2va_tiny", steps, f"stage={stage}").trainer.max_steps
+        for stage in ("text_pretrain", "decoupled_finetune")
+    ]
+    assert default == [7, 3]
+    assert compose("experiment=sa2va_baseline").trainer.max_steps == 2000
 
 
 def test_a_choice_that_is_no_variant_is_named_before_any_trial(tmp_path):
@@ -88,10 +170,12 @@ def test_an_unknown_profile_is_named(tmp_path):
 def test_overrides_of_a_later_group_replace_earlier_ones_and_bundles_expand():
     spec = load_spec(SWEEPS / "ablate_decoupler.yaml", "quick")
     trial = param_overrides(spec, {"decoupler": "sa2va_baseline"})
-    assert trial == ["experiment=sa2va_baseline", "trainer.max_steps=40"]
-    merged = merge_overrides(base_overrides(spec, ["trainer.max_steps=5"]), trial)
-    assert "experiment=desa2va_tiny" not in merged and "trainer.max_steps=5" not in merged
-    assert merged[-2:] == trial
+    assert trial == ["experiment=sa2va_baseline"]
+    merged = merge_overrides(
+        base_overrides(spec, ["+x.y=5", "loss.w_t=0.2"]), trial, ["x.y=6", "loss.w_t=0.3"]
+    )
+    assert "experiment=desa2va_tiny" not in merged and "+x.y=5" not in merged and "loss.w_t=0.2" not in merged
+    assert merged[-3:] == [*trial, "x.y=6", "loss.w_t=0.3"]
     assert param_overrides(spec, {"decoupler": "mlp"}) == ["decoupler=mlp"]
 
 
@@ -122,13 +206,39 @@ def test_a_chart_label_puts_one_override_a_line_and_the_baseline_note_on_its_own
     assert chart_label("linear_ortho") == "linear_ortho"
 
 
-def test_the_ablation_table_names_every_variant_and_the_baseline_with_mean_and_std():
+MEANS = {
+    "none": 0.5,
+    "linear": 0.7,
+    "linear_ortho": 0.7,
+    "orthogonal": 0.6,
+    "mlp": 0.65,
+    "sa2va_baseline": 0.55,
+}
+EXPRESSIONS = 40
+
+
+def expression_scores(choice: str, seed: int) -> dict[str, list]:
+    """J = F per expression: the variant's mean, an offset per expression every variant shares (some are
+    harder), a little noise of the variant's own."""
+    noise = np.random.default_rng([list(MEANS).index(choice), seed]).normal(0.0, 0.02, EXPRESSIONS)
+    hardness = np.linspace(-0.2, 0.2, EXPRESSIONS)
+    jf = (MEANS[choice] + 0.01 * seed + hardness + noise).tolist()
+    return {
+        "ids": [f"v{e}/x" for e in range(EXPRESSIONS)],
+        "types": ["static"] * EXPRESSIONS,
+        "j": jf,
+        "f": jf,
+    }
+
+
+def test_the_ablation_table_gives_intervals_and_paired_differences_from_the_control_and_the_best():
     spec = load_spec(SWEEPS / "ablate_decoupler.yaml")
     study = optuna.create_study(direction="maximize")
     choices = spec.space["decoupler"].choices
-    for index, choice in enumerate(choices):
+    for choice in choices:
         for seed in range(spec.seeds):
-            jf = 0.1 * index + 0.1 * seed
+            scores = expression_scores(choice, seed)
+            jf = float(np.mean(scores["j"]))
             tests = [{"JF": jf, "JF/static": jf, "qa_accuracy": 0.5, "diag/abs_cos_zt_zv": 0.2}]
             study.add_trial(
                 optuna.create_trial(
@@ -139,15 +249,24 @@ def test_the_ablation_table_names_every_variant_and_the_baseline_with_mean_and_s
                         "decoupler": CategoricalDistribution(choices),
                         "seed": CategoricalDistribution([0, 1, 2]),
                     },
-                    user_attrs={TEST_ATTR: tests},
+                    user_attrs={TEST_ATTR: tests, EXPRESSIONS_ATTR: [scores], STEPS_ATTR: 40},
                 )
             )
-    table = ablation_table(spec, collect_variants(study, spec))
-    labels = [row[0] for row in table.rows]
-    assert labels == [*choices[:-1], f"sa2va_baseline ({BASELINE_LABEL})"]
-    assert "test split" in table.title and "default profile" in table.title
-    orthogonal = table.rows[choices.index("orthogonal")]
-    assert orthogonal[1] == "3"  # seeds
-    assert orthogonal[table.headers.index("J&F")] == "0.400 ± 0.100"
-    assert orthogonal[table.headers.index("J&F motion")] == "-"
-    assert orthogonal[table.headers.index("QA acc")] == "0.500 ± 0.000"
+    table = comparison_table(spec, table_title(spec, "every variant"), collect_variants(study, spec))
+    rows = {row[0]: dict(zip(table.headers, row, strict=True)) for row in table.rows}
+    assert list(rows) == [*choices[:-1], f"sa2va_baseline ({BASELINE_LABEL})"]
+    assert "test split" in table.title and "default profile" in table.title and "bootstrap" in table.title
+    orthogonal = rows["orthogonal"]
+    assert orthogonal["seeds"] == "3" and orthogonal["steps"] == "40"
+    means = [float(np.mean(expression_scores("orthogonal", seed)["j"])) for seed in range(3)]
+    assert orthogonal["J&F"] == f"{statistics.fmean(means):.3f} ± {statistics.stdev(means):.3f}"
+    low, high = (float(x) for x in orthogonal["J&F 95% CI"].strip("[]").split(", "))
+    assert low < statistics.fmean(means) < high and high - low < 0.2
+    assert float(orthogonal["Δ vs control"].split()[0]) == pytest.approx(0.05, abs=0.01)
+    assert "≈" not in orthogonal["Δ vs control"]
+    assert rows[f"sa2va_baseline ({BASELINE_LABEL})"]["Δ vs control"] == "control"
+    tied = [rows[name]["Δ vs best"] for name in ("linear", "linear_ortho")]  # one mean: not told apart
+    assert "best" in tied and any(cell.endswith("≈") for cell in tied)
+    assert float(orthogonal["Δ vs best"].split()[0]) == pytest.approx(-0.1, abs=0.01)
+    assert "≈" not in orthogonal["Δ vs best"]
+    assert orthogonal["J&F motion"] == "-" and orthogonal["QA acc"] == "0.500 ± 0.000"

@@ -61,13 +61,18 @@ def test_runs_nest_study_trial_stage_and_are_named_by_what_varies(failed_and_pru
     assert parent.info.run_id == result.parent_run_id and parent.info.status == "FINISHED"
     assert parent.data.metrics["trials_fail"] == 1 and parent.data.metrics["trials_pruned"] == 1
     trials = mlflow_runs(root, "trials", "trial")
-    assert {run.info.run_name for run in trials} == {f"{LR}=-1.0", f"{LR}=0.0003"}
+    assert {run.info.run_name for run in trials} == {f"{LR}=-1", f"{LR}=0.0003"}
     for run in trials:
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert run.data.tags[LR] == run.info.run_name.split("=")[1]
+        assert float(run.data.params[f"sweep/{LR}"]) == float(run.info.run_name.split("=")[1])
         assert run.data.params["loss/w_orth"] == "0.1"  # the flattened config
+        assert run.data.tags["decoupler"] == "linear_ortho"  # the component's real variant
     stage = next(r for r in mlflow_runs(root, "trials") if r.info.run_name.endswith("decoupled_finetune"))
     assert stage.info.run_name == f"{LR}=0.0003 decoupled_finetune"
+    assert (
+        parent.data.tags["sweep.role"] == "study"
+        and "Trials side by side" in parent.data.tags["mlflow.note.content"]
+    )
     client = MlflowClient(tracking_uri(root))
     assert client.get_experiment_by_name("trials").tags["mlflow.experimentKind"] == "custom_model_development"
     assert Path(result.folder, "trials.csv").is_file()

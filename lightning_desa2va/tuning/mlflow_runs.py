@@ -25,6 +25,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from lightning_desa2va.config import save_config
 from lightning_desa2va.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, log_run_config, tag_run
+from lightning_desa2va.tuning.spec import describe
+from lightning_desa2va.tuning.stats import ExpressionScores
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,10 @@ VARIED_TAG = "sweep.varied"
 CHECKPOINT_TAG = "best_checkpoint"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 TRIAL_RUN_ATTR = "mlflow_run_id"
-STUDY_ROLE, TRIAL_ROLE = "study", "trial"
+STUDY_ROLE, TRIAL_ROLE, CONFIRM_ROLE = "study", "trial", "confirm"
+SWEEP_PARAM_PREFIX = "sweep/"
+EXPRESSIONS_ARTIFACT_DIR = "expression_scores"
+MLFLOW_RUN_NOTE = "mlflow.note.content"  # what the UI shows as a run's description
 RUN_STATUS = {
     TrialState.COMPLETE: RunStatus.FINISHED,
     TrialState.PRUNED: RunStatus.KILLED,
@@ -71,18 +76,19 @@ class StudyRuns:
         study.set_user_attr(PARENT_RUN_ATTR, run.info.run_id)
         return run.info.run_id
 
-    def start_trial(
-        self, parent_id: str, number: int, name: str, values: dict[str, Any], cfg: DictConfig
+    def start_run(
+        self, parent_id: str, role: str, number: int, name: str, values: dict[str, Any], cfg: DictConfig
     ) -> MLFlowLogger:
-        """The trial's nested run: its flattened config as params, resolved config, varied values as tags."""
+        """A trial's (or a confirmation's) nested run: the flattened config and the sampled values
+        (``sweep/<key>``, what Compare's parallel coordinates plot) as params, the resolved config, the
+        components as tags (the real ones: a bundle such as the Sa2VA control tags ``decoupler=none``)."""
         tags = {
             MLFLOW_PARENT_RUN_ID: parent_id,
             STUDY_TAG: self.study_name,
-            ROLE_TAG: TRIAL_ROLE,
+            ROLE_TAG: role,
             TRIAL_TAG: str(number),
             STATE_TAG: TrialState.RUNNING.name,
             VARIED_TAG: ",".join(values),
-            **{key: str(value) for key, value in values.items()},
         }
         logger = MLFlowLogger(
             experiment_name=self.study_name, tracking_uri=self.tracking_uri, run_name=name, tags=tags
@@ -90,14 +96,21 @@ class StudyRuns:
         with tempfile.TemporaryDirectory() as folder:
             log_run_config(logger, cfg, save_config(cfg, Path(folder) / "config.yaml"))
         tag_run(logger, cfg)
-        for key, value in values.items():  # tag_run tags each group's choice; a sampled value wins
-            self.client.set_tag(logger.run_id, key, str(value))
+        for key, value in values.items():
+            self.client.log_param(logger.run_id, f"{SWEEP_PARAM_PREFIX}{key}", value)
         return logger
+
+    def log_expressions(self, run_id: str, expressions: list[dict[str, list[Any]]]) -> None:
+        """Each seed's per-expression test scores as ``expression_scores/test-seed<i>.csv`` on the run."""
+        with tempfile.TemporaryDirectory() as folder:
+            for index, scores in enumerate(expressions):
+                path = ExpressionScores(**scores).write_csv(Path(folder) / f"test-seed{index}.csv")
+                self.client.log_artifact(run_id, str(path), EXPRESSIONS_ARTIFACT_DIR)
 
     def log_intermediate(self, run_id: str, metric: str, value: float, step: int) -> None:
         self.client.log_metric(run_id, metric, value, step=step)
 
-    def end_trial(
+    def end_run(
         self, run_id: str, state: TrialState, metrics: dict[str, float], checkpoint: Path | None = None
     ) -> None:
         """Final metrics and checkpoint path, then the run's status (and its stage runs') from the state."""
@@ -120,34 +133,40 @@ class StudyRuns:
         self.client.set_terminated(run_id, status)
 
     def log_summary(
-        self, parent_id: str, study: optuna.Study, figures: list[Path], files: list[Path]
+        self, parent_id: str, study: optuna.Study, figures: list[Path], files: list[Path], description: str
     ) -> None:
-        """Counts, the best trial (value, params, run) and the study's plots and files on the parent run."""
+        """Counts, the best trial (values as metrics, its number, run and configuration as tags: a study
+        resumed with more trials may change them, which params would refuse), the study's plots and files,
+        and the tables as the run's description."""
         trials = study.get_trials(deepcopy=False)
         for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
             count = sum(trial.state == state for trial in trials)
             self.client.log_metric(parent_id, f"trials_{state.name.lower()}", count)
-        best = best_trial(study)
-        if best is not None:
-            self.client.log_metric(parent_id, "best_value", float(best.value))
-            self.client.set_tag(parent_id, "best_trial", str(best.number))
-            self.client.set_tag(parent_id, "best_run_id", str(best.user_attrs.get(TRIAL_RUN_ATTR)))
-            for key, value in best.params.items():
-                self.client.log_param(parent_id, f"best/{key}", value)
+        for rank, best in enumerate(best_trials(study)):
+            prefix = "best" if rank == 0 else f"pareto{rank}"
+            for metric, value in zip(study.metric_names or ["value"], best.values, strict=False):
+                self.client.log_metric(parent_id, f"{prefix}/{metric}", float(value))
+            self.client.set_tag(parent_id, f"{prefix}.trial", str(best.number))
+            self.client.set_tag(parent_id, f"{prefix}.run_id", str(best.user_attrs.get(TRIAL_RUN_ATTR)))
+            self.client.set_tag(parent_id, f"{prefix}.config", describe(best.params))
         for path in figures:
             self.client.log_artifact(parent_id, str(path), "plots")
         for path in files:
             self.client.log_artifact(parent_id, str(path))
+        self.client.set_tag(parent_id, MLFLOW_RUN_NOTE, description)
 
-    def finish_parent(self, parent_id: str) -> None:
-        self.client.set_terminated(parent_id, RunStatus.to_string(RunStatus.FINISHED))
+    def finish_parent(self, parent_id: str, status: RunStatus = RunStatus.FINISHED) -> None:
+        self.client.set_terminated(parent_id, RunStatus.to_string(status))
 
 
-def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The best complete trial, or None before any completed."""
+def best_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The best complete trial (one objective) or the Pareto front, first metric first (several)."""
     if not any(trial.state == TrialState.COMPLETE for trial in study.get_trials(deepcopy=False)):
-        return None
-    return study.best_trial
+        return []
+    if len(study.directions) == 1:
+        return [study.best_trial]
+    sign = 1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1
+    return sorted(study.best_trials, key=lambda trial: -sign * trial.values[0])
 
 
 class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
@@ -163,7 +182,7 @@ class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
         run_id = trial.user_attrs.get(TRIAL_RUN_ATTR)
         if run_id is not None:
             StudyRuns(self.tracking_uri, self.study_name).mark(run_id, TrialState.FAIL)
-            log.warning("trial %d died while running (MLflow run %s): marked failed", trial.number, run_id)
+            log.warning("trial %d stopped while running (MLflow run %s): marked failed", trial.number, run_id)
         super().__call__(study, trial)
 
 
@@ -174,5 +193,8 @@ def flat_spec(spec: Any) -> dict[str, Any]:
     space = container.pop("space")
     params = {key: value for key, value in container.items() if not isinstance(value, dict | list)}
     params["space"] = OmegaConf.to_yaml(space)
-    params["overrides"] = " ".join(container["overrides"])
+    for key in ("overrides", "metric", "direction"):
+        params[key] = " ".join(map(str, container[key]))
+    for group in ("confirm", "stats"):
+        params |= {f"{group}.{key}": value for key, value in container[group].items()}
     return params

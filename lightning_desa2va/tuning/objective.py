@@ -1,9 +1,12 @@
 """One trial: sample the space, compose the overrides, train with :func:`run_pipeline`, report, score.
 
-Training is counted in steps: :class:`StepPruningCallback` reports the validation metric at every validation
-at the trial's step (the steps of its earlier stages and seeds before it), so a pruner compares trials at
-the same amount of training. The value a trial returns is its last stage's final validation metric (mean
-over its seeds); the test scores are kept beside it for the ablation table, never chosen on.
+Training is counted in steps: :class:`~lightning_desa2va.tuning.callbacks.StepPruningCallback` reports the
+validation metric at every validation at the trial's step (the steps of its earlier stages and seeds before
+it), so a pruner compares trials at the same amount of training; it reports from the first validation of
+``prune_stage`` on (default: the last stage). A trial's values are its last stage's final validation metrics
+(mean over its seeds) or its trial measures. Only an ablation (a grid read on test) scores the test split per
+trial, keeping each seed's per-expression scores for the table's intervals; any other study chooses on val
+and confirms on test at its end (:mod:`lightning_desa2va.tuning.confirm`).
 """
 
 from __future__ import annotations
@@ -13,70 +16,67 @@ import os
 import socket
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import optuna
 from lightning.pytorch.callbacks import Callback
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from omegaconf import DictConfig
 from optuna.trial import TrialState
-from optuna_integration import PyTorchLightningPruningCallback
 
 from lightning_desa2va.config import compose_config
 from lightning_desa2va.data.datamodule import VAL
 from lightning_desa2va.pipeline import StageRun, run_pipeline
-from lightning_desa2va.tuning.mlflow_runs import STUDY_TAG, TRIAL_RUN_ATTR, TRIAL_TAG, StudyRuns
+from lightning_desa2va.tuning.callbacks import (
+    ExpressionScoreRecorder,
+    MissingMetricError,
+    StepPruningCallback,
+    TrialMeasures,
+)
+from lightning_desa2va.tuning.metric_names import TRIAL_MEASURES
+from lightning_desa2va.tuning.mlflow_runs import (
+    PARENT_RUN_ATTR,
+    STUDY_TAG,
+    TRIAL_ROLE,
+    TRIAL_RUN_ATTR,
+    TRIAL_TAG,
+    StudyRuns,
+)
 from lightning_desa2va.tuning.spec import (
     SEED_PARAM,
     ParamType,
     SweepSpec,
     describe,
     merge_overrides,
+    multi_objective,
     param_overrides,
     trial_seeds,
 )
 
 log = logging.getLogger(__name__)
 
-TEST_ATTR = "test"  # per seed: the last stage's test metrics
+TEST_ATTR = "test"  # per seed: the last stage's test metrics (ablations)
+EXPRESSIONS_ATTR = "expressions"  # per seed: the test split's per-expression scores (ablations)
 VAL_ATTR = "val"  # per seed: the last stage's final validation metrics
+MEASURES_ATTR = "measures"  # step seconds and peak memory over the trial's training
 STEPS_ATTR = "steps"  # training steps the trial spent (up to where it was pruned)
 SECONDS_ATTR = "seconds"  # wall time of the trial
 NAME_ATTR = "run_name"
 WORKER_ATTR = "worker"  # host:pid of the process that ran the trial
-Report = Callable[[int, float], None]
 
 
-class StepPruningCallback(PyTorchLightningPruningCallback):
-    """optuna-integration's Lightning pruning callback, reporting at every validation with the step.
+@dataclass
+class Training:
+    """What one configuration's training left: a result per seed, the steps spent, the measures."""
 
-    The integration reports ``current_epoch``; a run here is counted in steps over a stream with no epochs,
-    so each validation reports ``step_offset + global_step`` (and a repeated validation of the same step,
-    as after ``fit``, reports nothing new).
-    """
-
-    def __init__(self, trial: optuna.Trial, monitor: str, step_offset: int, on_report: Report) -> None:
-        super().__init__(trial, monitor)
-        self.step_offset = step_offset
-        self.on_report = on_report
-        self.last_step: int | None = None
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or self.is_ddp_backend:
-            super().on_validation_end(trainer, pl_module)
-            return
-        score = trainer.callback_metrics.get(self.monitor)
-        step = self.step_offset + trainer.global_step
-        if score is None or step == self.last_step:
-            return
-        self.last_step = step
-        self._trial.report(float(score), step=step)
-        self.on_report(step, float(score))
-        if self._trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at step {step}: {self.monitor} {float(score):.4f}")
+    results: list[StageRun] = field(default_factory=list)
+    expressions: list[dict[str, list[Any]]] = field(default_factory=list)
+    planned: int = 0  # steps of the stages started so far
+    reported: int = 0  # steps trained up to the last report
+    measures: TrialMeasures = field(default_factory=TrialMeasures)
 
 
 class TrialObjective:
@@ -88,11 +88,14 @@ class TrialObjective:
         overrides: list[str],
         experiments_dir: Path | None,
         tracking_uri: str,
+        n_trials: int,
     ) -> None:
         self.spec = spec
         self.overrides = overrides
         self.experiments_dir = experiments_dir
         self.runs = StudyRuns(tracking_uri, spec.name)
+        self.n_trials = n_trials
+        self.running: int | None = None  # the number of the trial this process is training, if any
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         values: dict[str, Any] = {}
@@ -111,47 +114,76 @@ class TrialObjective:
             values[SEED_PARAM] = trial.suggest_categorical(SEED_PARAM, list(range(self.spec.seeds)))
         return values
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | list[float]:
         values = self.suggest(trial)
         name = describe(values)
         overrides = merge_overrides(self.overrides, param_overrides(self.spec, values))
-        parent_id = trial.study.user_attrs["mlflow_parent_run_id"]
-        logger = self.runs.start_trial(
-            parent_id, trial.number, name, values, self.last_stage_config(overrides)
-        )
-        run_id = logger.run_id
+        parent_id = trial.study.user_attrs[PARENT_RUN_ATTR]
+        cfg = self.last_stage_config(overrides)
+        run_id = self.runs.start_run(parent_id, TRIAL_ROLE, trial.number, name, values, cfg).run_id
         trial.set_user_attr(TRIAL_RUN_ATTR, run_id)
         trial.set_user_attr(NAME_ATTR, name)
         trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
-        log.info("trial %d: %s (MLflow run %s)", trial.number, name, run_id)
+        finished = sum(t.state.is_finished() for t in trial.study.get_trials(deepcopy=False))
+        log.info(
+            "trial %d of %d (Optuna #%d): %s (MLflow run %s)",
+            finished + 1,
+            self.n_trials,
+            trial.number,
+            name,
+            run_id,
+        )
+        self.running = trial.number
         started = time.monotonic()
-        progress = _Steps()
+        training = Training()
         try:
-            results = [
-                self.train_seed(trial, overrides, seed, name, run_id, progress)
-                for seed in trial_seeds(self.spec)
-            ]
+            for seed in trial_seeds(self.spec):
+                self.train_seed(overrides, seed, name, run_id, training, self.spec.ablation, trial)
         except optuna.TrialPruned:
-            self._record(trial, progress, started)
-            self.runs.end_trial(run_id, TrialState.PRUNED, {})
+            self._record(trial, training, started)
+            self.runs.end_run(run_id, TrialState.PRUNED, {})
+            self.running = None
             raise
-        except BaseException:
-            self._record(trial, progress, started)
-            self.runs.end_trial(run_id, TrialState.FAIL, {})
+        except BaseException as error:
+            self._record(trial, training, started)
+            self.runs.end_run(run_id, TrialState.FAIL, {})
+            if isinstance(error, Exception):  # an interrupt keeps `running` for the loop to re-queue it
+                self.running = None
             raise
-        self._record(trial, progress, started)
-        value = statistics.fmean(run.metrics[self.spec.metric] for run in results)
-        tests = [run.test_metrics for run in results]
-        trial.set_user_attr(TEST_ATTR, tests)
-        trial.set_user_attr(VAL_ATTR, [run.metrics for run in results])
-        means = {f"test/{key}": statistics.fmean(test[key] for test in tests) for key in tests[0]}
-        best = max(results, key=lambda run: run.metrics[self.spec.metric] * self.sign)
-        self.runs.end_trial(run_id, TrialState.COMPLETE, {"objective": value, **means}, best.checkpoint)
-        return value
+        self.running = None
+        self._record(trial, training, started)
+        objectives = self.objective_values(training)
+        trial.set_user_attr(VAL_ATTR, [run.metrics for run in training.results])
+        final = {
+            f"objective/{metric}": value for metric, value in zip(self.spec.metric, objectives, strict=True)
+        }
+        if self.spec.ablation:
+            tests = [run.test_metrics for run in training.results]
+            trial.set_user_attr(TEST_ATTR, tests)
+            trial.set_user_attr(EXPRESSIONS_ATTR, training.expressions)
+            self.runs.log_expressions(run_id, training.expressions)
+            final |= {f"test/{key}": statistics.fmean(test[key] for test in tests) for key in tests[0]}
+        best = max(training.results, key=lambda run: run.metrics.get(self.spec.metric[0], 0.0) * self.sign)
+        self.runs.end_run(run_id, TrialState.COMPLETE, final, best.checkpoint)
+        return objectives if multi_objective(self.spec) else objectives[0]
+
+    def objective_values(self, training: Training) -> list[float]:
+        """Each metric of the spec: the mean over seeds of the final validation value, or a trial measure."""
+        measures = training.measures.values()
+        values = []
+        for metric in self.spec.metric:
+            if metric in TRIAL_MEASURES:
+                values.append(measures[metric])
+            elif all(metric in run.metrics for run in training.results):
+                values.append(statistics.fmean(run.metrics[metric] for run in training.results))
+            else:
+                logged = ", ".join(sorted(training.results[-1].metrics))
+                raise MissingMetricError(f"the last stage logged no val/{metric} (it logged {logged})")
+        return values
 
     @property
     def sign(self) -> int:
-        return 1 if self.spec.direction.value == "maximize" else -1
+        return 1 if self.spec.direction[0].value == "maximize" else -1
 
     def last_stage_config(self, overrides: list[str]) -> DictConfig:
         """The config of the trial's last stage (what its run records as params)."""
@@ -160,48 +192,63 @@ class TrialObjective:
 
     def train_seed(
         self,
-        trial: optuna.Trial,
         overrides: list[str],
         seed: int | None,
         name: str,
         run_id: str,
-        steps: _Steps,
-    ) -> StageRun:
-        """One :func:`run_pipeline` call, its stage runs nested under the trial's run."""
+        training: Training,
+        score_test: bool,
+        trial: optuna.Trial | None = None,
+    ) -> None:
+        """One :func:`run_pipeline` call, its stage runs nested under ``run_id``; a ``trial`` gets its
+        validations reported (pruning), a run that scores test keeps its per-expression scores."""
         if seed is not None:
             overrides = [*overrides, f"{SEED_PARAM}={seed}"]
             name = f"{name} {SEED_PARAM}={seed}"
-        monitor = f"{VAL}/{self.spec.metric}"
+        monitor = f"{VAL}/{self.spec.metric[0]}"
+        recorder = ExpressionScoreRecorder()
+        first = compose_config(overrides, self.experiments_dir)
+        prune_stage = self.spec.prune_stage or first.pipeline.stages[-1]
+        reporting = trial is not None and not multi_objective(self.spec)
+        watching = self.spec.metric[0] not in TRIAL_MEASURES
 
         def report(step: int, value: float) -> None:
-            steps.reported = step
+            training.reported = step
             self.runs.log_intermediate(run_id, monitor, value, step)
 
         def stage_callbacks(cfg: DictConfig) -> Sequence[Callback]:
-            offset = steps.planned
-            steps.planned += int(cfg.trainer.max_steps)
-            return [StepPruningCallback(trial, monitor, offset, report)]
+            offset = training.planned
+            training.planned += int(cfg.trainer.max_steps)
+            stage = cfg.run.choices.stage
+            callbacks: list[Callback] = [training.measures]
+            if trial is not None and watching:
+                prunes = reporting and stage_index(first, stage) >= stage_index(first, prune_stage)
+                callbacks.append(StepPruningCallback(trial, monitor, offset, report, prunes))
+            if score_test and stage == first.pipeline.stages[-1]:
+                callbacks.append(recorder)
+            return callbacks
 
-        tags = {MLFLOW_PARENT_RUN_ID: run_id, STUDY_TAG: self.spec.name, TRIAL_TAG: str(trial.number)}
+        tags = {MLFLOW_PARENT_RUN_ID: run_id, STUDY_TAG: self.spec.name}
+        if trial is not None:
+            tags[TRIAL_TAG] = str(trial.number)
         runs = run_pipeline(
             [*overrides, f"logger.experiment_name={self.spec.name}"],
             self.experiments_dir,
             stage_callbacks=stage_callbacks,
-            score_test=True,
+            score_test=score_test,
             run_name=lambda cfg: f"{name} {cfg.run.choices.stage}",
             tags=tags,
         )
-        steps.reported = steps.planned
-        return runs[-1]
+        training.reported = training.planned
+        training.results.append(runs[-1])
+        if recorder.scores is not None:
+            training.expressions.append(recorder.scores.as_dict())
 
-    def _record(self, trial: optuna.Trial, steps: _Steps, started: float) -> None:
-        trial.set_user_attr(STEPS_ATTR, steps.reported)
+    def _record(self, trial: optuna.Trial, training: Training, started: float) -> None:
+        trial.set_user_attr(STEPS_ATTR, training.reported)
         trial.set_user_attr(SECONDS_ATTR, time.monotonic() - started)
+        trial.set_user_attr(MEASURES_ATTR, training.measures.values())
 
 
-class _Steps:
-    """Steps of the trial's stages started so far (``planned``) and trained up to the last report."""
-
-    def __init__(self) -> None:
-        self.planned = 0
-        self.reported = 0
+def stage_index(cfg: DictConfig, stage: str) -> int:
+    return list(cfg.pipeline.stages).index(stage)

@@ -6,47 +6,52 @@ file (Optuna's JournalStorage, for several workers on a file system without a da
 heartbeat per running trial; a trial whose process died is failed on the next start and re-queued once
 (:class:`~lightning_desa2va.tuning.mlflow_runs.RetryStaleTrial`).
 
-Several workers share one study: each loop starts a trial only while the finished, running and queued trials
-fall short of ``n_trials``, so the study ends with that many finished trials however many workers run it.
+Several workers share one study: each loop starts trials (Optuna's ``study.optimize`` with its
+``MaxTrialsCallback``) only while the finished and running trials fall short of ``n_trials``, so the study
+ends with that many finished trials however many workers run it. SIGINT and SIGTERM stop the loop cleanly.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
+from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
+from lightning_desa2va.errors import RunInterrupted
 from lightning_desa2va.tuning.mlflow_runs import RetryStaleTrial
 from lightning_desa2va.tuning.objective import TrialObjective
-from lightning_desa2va.tuning.spec import Pruner, Sampler, SweepSpec, grid_values
+from lightning_desa2va.tuning.spec import JOURNAL_SUFFIX, Pruner, Sampler, SweepSpec, grid_values
 
 log = logging.getLogger(__name__)
 
-JOURNAL_SUFFIX = ".journal"
-STORAGE_FILE = "optuna.db"
 SQLITE_TIMEOUT_S = 60  # how long a worker waits for another's write to the shared SQLite file
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+"""What ``MaxTrialsCallback`` counts towards the limit: finished trials and those other workers run."""
 
 
-def study_dir(output_dir: Path, spec: SweepSpec) -> Path:
-    """Where a study keeps its storage, plots and tables: ``<paths.output_dir>/sweeps/<study>/``."""
-    return (output_dir / "sweeps" / spec.name).resolve()
+def heartbeats(url: str) -> bool:
+    """Whether the storage at ``url`` keeps heartbeats (RDB storage does, a journal file does not)."""
+    return not url.endswith(JOURNAL_SUFFIX)
 
 
-def storage_url(spec: SweepSpec, folder: Path) -> str:
-    return spec.storage or f"sqlite:///{folder / STORAGE_FILE}"
-
-
-def open_storage(url: str, spec: SweepSpec, tracking_uri: str) -> BaseStorage:
-    """The study's storage; RDB storage with heartbeats and the retry of dead trials."""
-    if url.endswith(JOURNAL_SUFFIX):
+def open_storage(url: str, spec: SweepSpec, retry: RetryStaleTrial | None) -> BaseStorage:
+    """The study's storage; RDB storage with heartbeats and ``retry`` for dead trials."""
+    if not heartbeats(url):
         Path(url).parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(url))
     engine = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if url.startswith("sqlite") else {}
@@ -57,7 +62,7 @@ def open_storage(url: str, spec: SweepSpec, tracking_uri: str) -> BaseStorage:
             engine_kwargs=engine,
             heartbeat_interval=spec.heartbeat_interval,
             grace_period=spec.grace_period,
-            heartbeat_stale_trial_callback=RetryStaleTrial(tracking_uri, spec.name),
+            heartbeat_stale_trial_callback=retry,
         )
 
 
@@ -85,14 +90,19 @@ def build_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
 
 def load_study(spec: SweepSpec, storage: BaseStorage) -> optuna.Study:
     """Create the study, or load it when it exists (running a sweep again resumes it)."""
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=spec.name,
         storage=storage,
         sampler=build_sampler(spec),
         pruner=build_pruner(spec),
-        direction=spec.direction.value,
+        directions=[direction.value for direction in spec.direction],
         load_if_exists=True,
     )
+    if study.metric_names != spec.metric:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(spec.metric))
+    return study
 
 
 @dataclass
@@ -102,6 +112,7 @@ class TrialCounts:
     failed: int  # failed for good: a dead trial that was re-queued counts through its retry
     running: int
     waiting: int
+    retried: int  # failed trials that were re-queued
 
     @property
     def finished(self) -> int:
@@ -123,6 +134,7 @@ def count_trials(study: optuna.Study) -> TrialCounts:
         count(TrialState.FAIL),
         count(TrialState.RUNNING),
         count(TrialState.WAITING),
+        len(retried),
     )
 
 
@@ -135,11 +147,13 @@ class StudyProgress:
 
     def refresh(self, study: optuna.Study, trial: FrozenTrial | None = None) -> None:
         counts = count_trials(study)
-        complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-        best = f"{study.best_value:.4f}" if complete else "-"
-        summary = (
-            f"done {counts.complete} pruned {counts.pruned} failed {counts.failed} best {self.metric} {best}"
-        )
+        if not counts.complete:
+            best = f"best {self.metric} -"
+        elif len(study.directions) > 1:
+            best = f"Pareto front {len(study.best_trials)}"
+        else:
+            best = f"best {self.metric} {study.best_value:.4f}"
+        summary = f"done {counts.complete} pruned {counts.pruned} failed {counts.failed} {best}"
         self.bar.n = counts.finished
         self.bar.set_postfix_str(summary)
         if trial is not None:
@@ -149,30 +163,78 @@ class StudyProgress:
         self.bar.close()
 
 
-def heartbeat_enabled(study: optuna.Study) -> bool:
-    return isinstance(study._storage, optuna.storages._heartbeat.BaseHeartbeat) and (
-        study._storage.get_heartbeat_interval() is not None
-    )
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM raise :class:`RunInterrupted` in this process (the one that entered the block, not
+    the DataLoader workers it forks) and are ignored after the first, so cleanup is not cut short; the
+    handlers before are restored on leaving. Lightning's own SIGTERM handler calls this one in turn."""
+    owner = os.getpid()
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != owner:
+            return
+        for other in STOP_SIGNALS:
+            signal.signal(other, signal.SIG_IGN)
+        raise RunInterrupted(signum, f"sweep stopped by {signal.Signals(signum).name}")
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, stop)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def work(
-    study: optuna.Study, objective: TrialObjective, n_trials: int, progress: StudyProgress | None
+    study: optuna.Study,
+    objective: TrialObjective,
+    n_trials: int,
+    retry: RetryStaleTrial | None,
+    callbacks: list[Callable[[optuna.Study, FrozenTrial], None]],
 ) -> None:
-    """Run trials one at a time until the study holds ``n_trials`` finished ones; a trial that raises is
-    failed (Optuna records it) and the next one starts."""
-    callbacks = [progress.refresh] if progress else []
-    while True:
-        if heartbeat_enabled(study):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)
-        counts = count_trials(study)
-        if counts.waiting or counts.finished + counts.running < n_trials:
-            study.optimize(
-                objective, n_trials=1, catch=(Exception,), callbacks=callbacks, gc_after_trial=True
-            )
-        elif counts.running and heartbeat_enabled(study):
-            # another worker's trial, or a dead one whose heartbeat has not expired yet: wait and see
-            time.sleep(study._storage.get_heartbeat_interval())
-        else:
-            return
+    """Run trials until the study holds ``n_trials`` finished ones (a failed trial that was re-queued counts
+    through its retry): Optuna's ``fail_stale_trials`` fails dead workers' trials (re-queued by ``retry``),
+    and ``MaxTrialsCallback`` stops ``optimize`` once the finished and running trials reach the limit. A
+    trial that raises is failed and the next one starts; SIGINT / SIGTERM stop the whole study, the running
+    trial failed and re-queued as a dead worker's is, and :class:`RunInterrupted` goes on up."""
+    with stop_on_signals():
+        try:
+            while True:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    optuna.storages.fail_stale_trials(study)
+                counts = count_trials(study)
+                if counts.waiting or counts.finished + counts.running < n_trials:
+                    limit = MaxTrialsCallback(n_trials + counts.retried, states=COUNTED)
+                    study.optimize(
+                        objective, catch=(Exception,), callbacks=[*callbacks, limit], gc_after_trial=True
+                    )
+                elif counts.running and retry is not None:
+                    # another worker's trial, or a dead one whose heartbeat has not expired yet: wait and see
+                    time.sleep(objective.spec.heartbeat_interval)
+                else:
+                    return
+        except (RunInterrupted, KeyboardInterrupt) as stop:
+            requeue_running(study, objective, retry)
+            if isinstance(stop, KeyboardInterrupt):
+                raise RunInterrupted(signal.SIGINT, "sweep stopped by KeyboardInterrupt") from stop
+            raise
+
+
+def requeue_running(study: optuna.Study, objective: TrialObjective, retry: RetryStaleTrial | None) -> None:
+    """Fail the trial this process was training and re-queue it, as ``fail_stale_trials`` does for a worker
+    that died (without heartbeats, e.g. a journal file: failed only)."""
+    number = objective.running
+    if number is None:
+        return
+    trial = next(trial for trial in study.get_trials(deepcopy=False) if trial.number == number)
+    if trial.state != TrialState.RUNNING:
+        return
+    study.tell(number, state=TrialState.FAIL)
+    log.warning("trial %d interrupted: failed%s", number, "" if retry is None else " and re-queued")
+    if retry is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry(study, next(t for t in study.get_trials() if t.number == number))

@@ -1,58 +1,60 @@
 """``desa2va sweep``: check the spec, open (or resume) the study and its MLflow parent run, run the trials in
-one or several worker processes, then log the study's summary, plots and (for ablations) the table.
+one or several worker processes, confirm a search's best on test, then log the study's summary, plots and
+table (an ablation's variants, or a search's confirmed configurations) to the parent run.
 
-Everything a trial could trip on in the spec is composed first, so a bad key or choice fails naming its spec
+Everything a trial could trip on is composed first, so a bad key or choice, a metric the last stage does not
+log, a ``prune_stage`` the pipeline lacks or an ablation whose arms train unequal steps fails naming its spec
 field before any trial starts; the synthetic shards are written once here, before any worker starts.
+SIGINT / SIGTERM stop the whole study: the running trial failed and re-queued, the parent run KILLED, the
+command exits with ``128 + signum``; the same command resumes.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
-from hydra.errors import HydraException
+from mlflow.entities import RunStatus
 from omegaconf import OmegaConf
 
-from lightning_desa2va.config import ConfigError, compose_config
-from lightning_desa2va.console import quiet_third_party_output
+from lightning_desa2va.console import markdown_table, quiet_third_party_output
+from lightning_desa2va.errors import RunInterrupted
 from lightning_desa2va.pipeline import ensure_synthetic_shards
 from lightning_desa2va.tuning.ablation import AblationReport, build_report
-from lightning_desa2va.tuning.mlflow_runs import StudyRuns, flat_spec
+from lightning_desa2va.tuning.checks import check_trial_configs
+from lightning_desa2va.tuning.confirm import confirm, confirmation_report
+from lightning_desa2va.tuning.metric_names import TRIAL_MEASURES
+from lightning_desa2va.tuning.mlflow_runs import RetryStaleTrial, StudyRuns, best_trials, flat_spec
+from lightning_desa2va.tuning.mlflow_view import save_view
 from lightning_desa2va.tuning.objective import TrialObjective
+from lightning_desa2va.tuning.plots import save_plots
 from lightning_desa2va.tuning.spec import (
     SweepSpec,
     SweepSpecError,
     base_overrides,
-    candidate_overrides,
-    merge_overrides,
     number_of_trials,
-    one_line,
+    storage_url,
+    study_dir,
 )
 from lightning_desa2va.tuning.study import (
     StudyProgress,
     count_trials,
+    heartbeats,
     load_study,
     open_storage,
-    storage_url,
-    study_dir,
+    stop_on_signals,
     work,
 )
 
 log = logging.getLogger(__name__)
 
 POLL_S = 5.0  # how often the driver of several workers redraws the progress bar
-PLOTS = {
-    "optimization_history": optuna.visualization.matplotlib.plot_optimization_history,
-    "param_importances": optuna.visualization.matplotlib.plot_param_importances,
-    "parallel_coordinate": optuna.visualization.matplotlib.plot_parallel_coordinate,
-    "intermediate_values": optuna.visualization.matplotlib.plot_intermediate_values,
-}
-"""Optuna's plots of a study, saved as PNGs on the parent run (each needs enough trials to draw)."""
+JOIN_S = 60.0  # how long an interrupted driver waits for its workers to re-queue their trials
 
 
 @dataclass
@@ -61,6 +63,8 @@ class SweepResult:
     folder: Path
     parent_run_id: str
     report: AblationReport | None
+    url: str
+    spec_metrics: list[str]
 
 
 @dataclass
@@ -74,30 +78,22 @@ class _Setup:
     storage: str
     n_trials: int
 
-    def open(self) -> tuple[optuna.Study, TrialObjective]:
-        storage = open_storage(self.storage, self.spec, self.tracking_uri)
-        objective = TrialObjective(self.spec, self.overrides, self.experiments_dir, self.tracking_uri)
-        return load_study(self.spec, storage), objective
-
-
-def check_trial_configs(spec: SweepSpec, overrides: list[str], experiments_dir: Path | None) -> None:
-    """Compose the base config and each choice's: an error names the spec field (or the overrides)."""
-    for field_name, extra in {"experiment / overrides": [], **candidate_overrides(spec)}.items():
-        try:
-            compose_config(merge_overrides(overrides, extra), experiments_dir)
-        except (HydraException, ConfigError) as error:
-            raise SweepSpecError(
-                f"sweep spec field '{field_name}' ({' '.join(extra)}): {one_line(error)}"
-            ) from error
+    def open(self) -> tuple[optuna.Study, TrialObjective, RetryStaleTrial | None]:
+        retry = RetryStaleTrial(self.tracking_uri, self.spec.name) if heartbeats(self.storage) else None
+        storage = open_storage(self.storage, self.spec, retry)
+        objective = TrialObjective(
+            self.spec, self.overrides, self.experiments_dir, self.tracking_uri, self.n_trials
+        )
+        return load_study(self.spec, storage), objective, retry
 
 
 def run_sweep(
     spec: SweepSpec, cli_overrides: list[str], experiments_dir: Path | None = None, workers: int = 1
 ) -> SweepResult:
-    """Run (or resume) the study to its number of finished trials and summarise it."""
+    """Run (or resume) the study to its number of finished trials, confirm a search's best on test and
+    summarise it; the parent run is closed however this ends (KILLED when interrupted, FAILED on an error)."""
     overrides = base_overrides(spec, cli_overrides)
-    check_trial_configs(spec, overrides, experiments_dir)
-    cfg = compose_config(overrides, experiments_dir)
+    cfg = check_trial_configs(spec, overrides, experiments_dir)
     if cfg.logger is None:
         raise SweepSpecError("a sweep logs every trial to MLflow: logger must not be null")
     ensure_synthetic_shards(cfg)
@@ -112,36 +108,76 @@ def run_sweep(
         storage_url(spec, folder),
         number_of_trials(spec),
     )
-    study, objective = setup.open()
+    study, objective, retry = setup.open()
     runs = StudyRuns(setup.tracking_uri, spec.name)
     parent_id = runs.open_parent(study, flat_spec(spec))
+    url = save_view(runs, spec)
     log.info("study %s: storage %s, MLflow parent run %s", spec.name, setup.storage, parent_id)
-    progress = StudyProgress(spec.name, setup.n_trials, spec.metric)
+    log.info("compare the trials in MLflow (make ui): %s", url)
+    progress = StudyProgress(spec.name, setup.n_trials, spec.metric[0])
     try:
-        if workers == 1:
-            work(study, objective, setup.n_trials, progress)
-        else:
-            _run_workers(setup, workers, study, progress)
-    finally:
-        progress.refresh(study)
-        progress.close()
-    report = build_report(study, spec, folder) if spec.ablation else None
-    files = [folder / "trials.csv", *(report.files if report else [])]
-    study.trials_dataframe().to_csv(files[0], index=False)
-    runs.log_summary(parent_id, study, save_plots(study, folder), files)
+        with stop_on_signals():
+            try:
+                if workers == 1:
+                    work(study, objective, setup.n_trials, retry, [progress.refresh])
+                else:
+                    _run_workers(setup, workers, study, progress)
+            finally:
+                progress.refresh(study)
+                progress.close()
+            report = summarise(study, spec, objective, folder)
+            files = [folder / "trials.csv", *(report.files if report else [])]
+            study.trials_dataframe().to_csv(files[0], index=False)
+            plots = save_plots(study, spec, folder)
+            runs.log_summary(parent_id, study, plots, files, description(spec, report, url))
+    except RunInterrupted:
+        runs.finish_parent(parent_id, RunStatus.KILLED)
+        raise
+    except BaseException:
+        runs.finish_parent(parent_id, RunStatus.FAILED)
+        raise
     runs.finish_parent(parent_id)
-    return SweepResult(study, folder, parent_id, report)
+    return SweepResult(study, folder, parent_id, report, url, list(spec.metric))
+
+
+def summarise(
+    study: optuna.Study, spec: SweepSpec, objective: TrialObjective, folder: Path
+) -> AblationReport | None:
+    """An ablation's table; a search's best configurations confirmed on test and their table."""
+    if spec.ablation:
+        return build_report(study, spec, folder)
+    if not spec.confirm.top or not count_trials(study).complete:
+        return None
+    confirm(study, spec, objective)
+    return confirmation_report(study, spec, folder)
+
+
+def description(spec: SweepSpec, report: AblationReport | None, url: str) -> str:
+    """The parent run's description (markdown): the table, its notes and where to compare the trials."""
+    parts = [f"**{spec.name}** ({spec.profile} profile). Trials side by side: {url}"]
+    if report is not None:
+        parts += [report.table.title, markdown_table(report.table), *report.notes]
+    return "\n\n".join(parts)
 
 
 def _run_workers(setup: _Setup, workers: int, study: optuna.Study, progress: StudyProgress) -> None:
-    """``workers`` processes on the one storage; this one redraws the bar until they are done."""
+    """``workers`` processes on the one storage; this one redraws the bar until they are done. Stopped, it
+    passes SIGTERM on to the workers (each fails and re-queues its trial) and waits for them."""
     context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=_worker, args=(setup,), name=f"worker-{i}") for i in range(workers)]
     for process in processes:
         process.start()
-    while any(process.is_alive() for process in processes):
-        progress.refresh(study)
-        time.sleep(POLL_S)
+    try:
+        while any(process.is_alive() for process in processes):
+            progress.refresh(study)
+            time.sleep(POLL_S)
+    except RunInterrupted:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        for process in processes:
+            process.join(JOIN_S)
+        raise
     failed = [process.name for process in processes if process.exitcode != 0]
     if failed:
         raise RuntimeError(f"sweep workers {', '.join(failed)} exited with an error (see their log above)")
@@ -150,32 +186,11 @@ def _run_workers(setup: _Setup, workers: int, study: optuna.Study, progress: Stu
 def _worker(setup: _Setup) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(processName)s %(name)s: %(message)s")
     quiet_third_party_output()
-    study, objective = setup.open()
-    work(study, objective, setup.n_trials, None)
-
-
-def save_plots(study: optuna.Study, folder: Path) -> list[Path]:
-    """Optuna's matplotlib plots of the study as PNGs; a plot the study cannot draw yet is skipped."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    paths = []
-    for name, plot in PLOTS.items():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                axes = plot(study)
-        except (ValueError, RuntimeError, ZeroDivisionError) as error:
-            log.info("no %s plot: %s", name, error)
-            continue
-        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
-        path = folder / f"{name}.png"
-        figure.savefig(path, dpi=100, bbox_inches="tight")
-        pyplot.close(figure)
-        paths.append(path)
-    return paths
+    study, objective, retry = setup.open()
+    try:
+        work(study, objective, setup.n_trials, retry, [])
+    except RunInterrupted as stop:
+        sys.exit(stop.exit_code)
 
 
 def summary_lines(result: SweepResult) -> list[str]:
@@ -184,10 +199,15 @@ def summary_lines(result: SweepResult) -> list[str]:
     counts = count_trials(study)
     states = f"{counts.complete} complete, {counts.pruned} pruned, {counts.failed} failed"
     lines = [f"study {study.study_name}: {states}"]
-    if counts.complete:
-        best = study.best_trial
-        lines.append(f"best trial {best.number} ({best.user_attrs.get('run_name')}): {best.value:.4f}")
+    metrics = ", ".join(f"val/{name}" if name not in TRIAL_MEASURES else name for name in result.spec_metrics)
+    for rank, best in enumerate(best_trials(study)):
+        values = ", ".join(f"{value:.4f}" for value in best.values)
+        which = "best on val" if len(best.values) == 1 else f"Pareto front #{rank + 1}"
+        lines.append(
+            f"{which} ({metrics}): trial {best.number} ({best.user_attrs.get('run_name')}): {values}"
+        )
     lines.append(f"study files in {result.folder}; MLflow parent run {result.parent_run_id}")
+    lines.append(f"compare the trials in MLflow (make ui): {result.url}")
     return lines
 
 
