@@ -50,12 +50,11 @@ class StepClock(pl.Callback):
         return [later - earlier for earlier, later in zip(self.starts, self.starts[1:], strict=False)]
 
 
-def lightning_block(cfg: Any, stage: pl.LightningModule, batches: list[dict], root: Path) -> list[float]:
+def lightning_block(cfg: Any, stage: pl.LightningModule, batches: list[dict]) -> list[float]:
     """Step times of one fit of the project's stage over ``batches`` with the configured trainer."""
     clock = StepClock()
     trainer = build_trainer(cfg, logger=False, callbacks=[clock])
-    trainer.fit_loop.max_steps = trainer.global_step + len(batches)
-    trainer.default_root_dir = str(root)
+    trainer.fit_loop.epoch_loop.max_steps = len(batches)
     loader = DataLoader(batches, batch_size=None)
     trainer.fit(stage, train_dataloaders=loader)
     return clock.steps()[1:]  # the first includes the fit's start
@@ -87,7 +86,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("lightning").setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     overrides = [
         "experiment=desa2va_tiny",
         "stage=decoupled_finetune",
@@ -98,8 +97,9 @@ def main() -> None:
         "+trainer.limit_val_batches=0",
         "trainer.callbacks.progress=null",
     ]
+    root = tempfile.TemporaryDirectory()  # the trainer's end-of-fit checkpoint goes there
     try:
-        cfg = compose_config(overrides, EXPERIMENTS_DIR)
+        cfg = compose_config([*overrides, f"paths.output_dir={root.name}"], EXPERIMENTS_DIR)
         parts = build_components(cfg)
         stream = iter(parts.datamodule.train_dataloader())
         batches = [next(stream) for _ in range(args.steps + 1)]
@@ -107,11 +107,9 @@ def main() -> None:
         parser.exit(2, f"overhead: {error} (`desa2va demo` writes the synthetic shards there)\n")
     optimizer = parts.stage.configure_optimizers()
     times: dict[str, list[float]] = {"Lightning (project stage + Trainer)": [], "plain PyTorch loop": []}
-    with tempfile.TemporaryDirectory() as root:
+    with root:
         for _ in range(args.blocks):
-            times["Lightning (project stage + Trainer)"] += lightning_block(
-                cfg, parts.stage, batches, Path(root)
-            )
+            times["Lightning (project stage + Trainer)"] += lightning_block(cfg, parts.stage, batches)
             times["plain PyTorch loop"] += plain_block(
                 parts.stage, optimizer, batches, cfg.trainer.gradient_clip_val
             )
