@@ -126,6 +126,7 @@ def run_pipeline(
     with holding_lock(folder):
         for index, stage in enumerate(stages):
             cfg = plan.compose(stage, runs)
+            callbacks = stage_callbacks(cfg) if stage_callbacks else ()  # also for a reused stage: it counts
             run_dir = record.stages.get(stage)
             if run_dir is not None and read_record(Path(run_dir)).status == FINISHED:
                 runs.append(plan.reuse(cfg, Path(run_dir)))
@@ -138,7 +139,7 @@ def run_pipeline(
             runs.append(
                 train_stage(
                     cfg,
-                    callbacks=stage_callbacks(cfg) if stage_callbacks else (),
+                    callbacks=callbacks,
                     score_test=score_test and index == len(stages) - 1,
                     run_name=run_name(cfg) if run_name else None,
                     tags=tags,

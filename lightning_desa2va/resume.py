@@ -45,6 +45,8 @@ class Resume:
     run_dir: Path
     record: RunRecord
     checkpoint: Path | None
+    step: int = 0
+    """The optimizer step the checkpoint holds (0: from the start)."""
 
 
 def requested_resume(cfg: DictConfig) -> Resume | None:
@@ -106,8 +108,7 @@ def unfinished_run(cfg: DictConfig, run_dir: Path) -> Resume | None:
 def checked(cfg: DictConfig, run_dir: Path, checkpoint: Path | None) -> Resume:
     """``run_dir`` with ``checkpoint`` as a :class:`Resume`, after the checks (one-line errors)."""
     record = read_record(run_dir)
-    if checkpoint is not None:
-        read_checkpoint(checkpoint)
+    step = int(read_checkpoint(checkpoint).get("global_step", 0)) if checkpoint is not None else 0
     differences = config_differences(run_dir, cfg)
     if differences:
         raise ResumeError(f"cannot resume {run_dir}: it was composed differently ({differences})")
@@ -117,7 +118,7 @@ def checked(cfg: DictConfig, run_dir: Path, checkpoint: Path | None) -> Resume:
             f"cannot resume {run_dir}: its MLflow runs are in {record.tracking_uri}, this run would log to "
             f"{tracking_uri} (set logger.tracking_uri or MLFLOW_TRACKING_URI to the former)"
         )
-    return Resume(run_dir, record, checkpoint)
+    return Resume(run_dir, record, checkpoint, step)
 
 
 def config_differences(run_dir: Path, cfg: DictConfig) -> str:

@@ -54,6 +54,8 @@ class RunRecord:
     """Once finished: val (and test) scores and the union baseline's, so a finished stage is reused as is."""
     skipped: dict[str, int] = field(default_factory=dict)
     """Samples skipped by reason over the run (every split, every attempt)."""
+    resumed_at: list[int] = field(default_factory=list)
+    """The step each resumed attempt continued from (0: the run died before its first checkpoint)."""
 
 
 def new_run_dir(cfg: DictConfig, run_id: str | None) -> Path:

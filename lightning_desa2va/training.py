@@ -119,7 +119,9 @@ def train_stage(
     parts.datamodule.require_splits(TRAIN, VAL, *([TEST] if score_test else []))
     logger = build_logger(cfg, resume.record.mlflow_run_id if resume else None, run_name, tags or {})
     trainer = build_trainer(cfg, logger or False, callbacks)
-    attempt = stage_attempt(cfg, logger, resume) if trainer.is_global_zero else other_rank(cfg, resume)
+    attempt = (
+        stage_attempt(cfg, logger, resume, tags or {}) if trainer.is_global_zero else other_rank(cfg, resume)
+    )
     with attempt as output_dir:
         if trainer.is_global_zero:  # other ranks checkpoint into rank 0's folder: Lightning broadcasts it
             point_checkpoints_at(trainer, output_dir / CHECKPOINTS_DIR)
@@ -164,7 +166,9 @@ def other_rank(cfg: DictConfig, resume: Resume | None) -> Iterator[Path]:
 
 
 @contextmanager
-def stage_attempt(cfg: DictConfig, logger: Logger | None, resume: Resume | None) -> Iterator[Path]:
+def stage_attempt(
+    cfg: DictConfig, logger: Logger | None, resume: Resume | None, tags: dict[str, str]
+) -> Iterator[Path]:
     """The run's folder for one attempt, locked while it lasts; how the attempt ends is recorded (module
     docstring), and an attempt that failed before writing a checkpoint changes nothing that was there."""
     mlflow = logger if isinstance(logger, MLFlowLogger) else None
@@ -175,7 +179,7 @@ def stage_attempt(cfg: DictConfig, logger: Logger | None, resume: Resume | None)
     outcome: str | None = None  # how the attempt ended, when it ended otherwise than finished
     try:
         with holding_lock(output_dir):
-            open_attempt(cfg, logger, output_dir, resume)
+            open_attempt(cfg, logger, output_dir, resume, tags)
             try:
                 yield output_dir
             except RunInterrupted:
@@ -192,12 +196,18 @@ def stage_attempt(cfg: DictConfig, logger: Logger | None, resume: Resume | None)
         raise
 
 
-def open_attempt(cfg: DictConfig, logger: Logger | None, output_dir: Path, resume: Resume | None) -> None:
-    """A new run's record, config, params and tags; or a resumed run marked running again."""
+def open_attempt(
+    cfg: DictConfig, logger: Logger | None, output_dir: Path, resume: Resume | None, tags: dict[str, str]
+) -> None:
+    """A new run's record, config, params and tags; or a resumed run marked running again, with this
+    attempt's tags (a re-queued sweep trial's stage run moves under the retry's run)."""
     if resume is not None:
-        write_record(output_dir, replace(resume.record, status=RUNNING))
+        resumed_at = [*resume.record.resumed_at, resume.step]
+        write_record(output_dir, replace(resume.record, status=RUNNING, resumed_at=resumed_at))
         if isinstance(logger, MLFlowLogger):
             logger.experiment.update_run(logger.run_id, RunStatus.to_string(RunStatus.RUNNING))
+            for key, value in tags.items():
+                logger.experiment.set_tag(logger.run_id, key, value)
         return
     tracking_uri = cfg.logger.tracking_uri if cfg.logger is not None else None
     run_id = logger.run_id if isinstance(logger, MLFlowLogger) else None

@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 
 from lightning_desa2va.console import TextTable, markdown_table
 from lightning_desa2va.data.schema import EXPRESSION_TYPES
+from lightning_desa2va.files import atomic_write, atomic_write_text
 from lightning_desa2va.tuning.objective import EXPRESSIONS_ATTR, SECONDS_ATTR, STEPS_ATTR, TEST_ATTR
 from lightning_desa2va.tuning.spec import SEED_PARAM, SweepSpec, describe, grid_values
 from lightning_desa2va.tuning.stats import (
@@ -227,7 +228,9 @@ def bar_chart(variants: list[Variant], title: str, path: Path) -> Path:
     axes.set_ylim(0.0, 1.0)
     axes.set_title(title, fontsize=9)
     axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    figure.savefig(path, dpi=100, bbox_inches="tight")
+    atomic_write(
+        path, lambda temporary: figure.savefig(temporary, dpi=100, bbox_inches="tight", format="png")
+    )
     pyplot.close(figure)
     return path
 
@@ -239,7 +242,7 @@ def write_report(
     table = comparison_table(spec, table_title(spec, what), variants)
     notes = budget_note(variants)
     markdown = folder / f"{stem}.md"
-    markdown.write_text("\n\n".join([markdown_table(table), *notes]) + "\n")
+    atomic_write_text(markdown, "\n\n".join([markdown_table(table), *notes]) + "\n")
     files = [markdown]
     if variants:
         files.append(bar_chart(variants, f"{spec.name} ({spec.profile} profile)", folder / f"{stem}.png"))

@@ -24,7 +24,13 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from lightning_desa2va.config import save_config
-from lightning_desa2va.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, log_run_config, tag_run
+from lightning_desa2va.tracking import (
+    EXPERIMENT_KIND_TAG,
+    MODEL_TRAINING_KIND,
+    ensure_tracking_store,
+    log_run_config,
+    tag_run,
+)
 from lightning_desa2va.tuning.spec import describe
 from lightning_desa2va.tuning.stats import ExpressionScores
 
@@ -56,6 +62,7 @@ class StudyRuns:
     def __init__(self, tracking_uri: str, study_name: str) -> None:
         self.tracking_uri = tracking_uri
         self.study_name = study_name
+        ensure_tracking_store(tracking_uri)
         self.client = MlflowClient(tracking_uri=tracking_uri)
         experiment = self.client.get_experiment_by_name(study_name)
         self.experiment_id = (

@@ -25,6 +25,7 @@ import optuna
 from lightning.pytorch.callbacks import Callback
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from omegaconf import DictConfig
+from optuna.storages import RetryFailedTrialCallback
 from optuna.trial import TrialState
 
 from lightning_desa2va.config import compose_config
@@ -89,12 +90,16 @@ class TrialObjective:
         experiments_dir: Path | None,
         tracking_uri: str,
         n_trials: int,
+        trials_dir: Path,
     ) -> None:
         self.spec = spec
         self.overrides = overrides
         self.experiments_dir = experiments_dir
         self.runs = StudyRuns(tracking_uri, spec.name)
         self.n_trials = n_trials
+        self.trials_dir = trials_dir
+        """Each trial's pipeline records, by the number of the trial a retry retries, so that a trial
+        re-queued after its worker died or was stopped continues from its checkpoints."""
         self.running: int | None = None  # the number of the trial this process is training, if any
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
@@ -136,9 +141,13 @@ class TrialObjective:
         self.running = trial.number
         started = time.monotonic()
         training = Training()
+        origin = original_number(trial)
         try:
             for seed in trial_seeds(self.spec):
-                self.train_seed(overrides, seed, name, run_id, training, self.spec.ablation, trial)
+                record_dir = self.trials_dir / f"{origin:05d}" / f"seed-{seed}"
+                self.train_seed(
+                    overrides, seed, name, run_id, training, self.spec.ablation, trial, record_dir
+                )
         except optuna.TrialPruned:
             self._record(trial, training, started)
             self.runs.end_run(run_id, TrialState.PRUNED, {})
@@ -199,9 +208,11 @@ class TrialObjective:
         training: Training,
         score_test: bool,
         trial: optuna.Trial | None = None,
+        record_dir: Path | None = None,
     ) -> None:
         """One :func:`run_pipeline` call, its stage runs nested under ``run_id``; a ``trial`` gets its
-        validations reported (pruning), a run that scores test keeps its per-expression scores."""
+        validations reported (pruning), a run that scores test keeps its per-expression scores; the pipeline
+        continues the one recorded in ``record_dir`` when it holds one."""
         if seed is not None:
             overrides = [*overrides, f"{SEED_PARAM}={seed}"]
             name = f"{name} {SEED_PARAM}={seed}"
@@ -238,6 +249,7 @@ class TrialObjective:
             score_test=score_test,
             run_name=lambda cfg: f"{name} {cfg.run.choices.stage}",
             tags=tags,
+            record_dir=record_dir,
         )
         training.reported = training.planned
         training.results.append(runs[-1])
@@ -252,3 +264,9 @@ class TrialObjective:
 
 def stage_index(cfg: DictConfig, stage: str) -> int:
     return list(cfg.pipeline.stages).index(stage)
+
+
+def original_number(trial: optuna.Trial) -> int:
+    """The number of the trial a re-queued trial retries (the first of its retries), else its own."""
+    (frozen,) = [t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number]
+    return (RetryFailedTrialCallback.retry_history(frozen) or [trial.number])[0]

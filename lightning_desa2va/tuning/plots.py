@@ -15,6 +15,7 @@ import optuna
 from optuna.trial import TrialState
 from optuna.visualization import matplotlib as optuna_plots
 
+from lightning_desa2va.files import atomic_write
 from lightning_desa2va.tuning.metric_names import TRIAL_MEASURES
 from lightning_desa2va.tuning.objective import NAME_ATTR
 from lightning_desa2va.tuning.spec import SweepSpec
@@ -85,7 +86,9 @@ def save_plots(study: optuna.Study, spec: SweepSpec, folder: Path) -> list[Path]
         label_trials(first, names)
         first.figure.suptitle(f"{spec.name}: chosen on validation ({split})", fontsize=9)
         path = folder / f"{name}.png"
-        first.figure.savefig(path, dpi=100, bbox_inches="tight")
+        atomic_write(
+            path, lambda tmp, f=first.figure: f.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
+        )
         pyplot.close(first.figure)
         paths.append(path)
     return paths

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from lightning_desa2va.files import atomic_write
+
 SCORE_COLUMNS = ("id", "type", "J", "F")
 
 
@@ -43,11 +45,13 @@ class ExpressionScores:
         return asdict(self)
 
     def write_csv(self, path: Path) -> Path:
-        with path.open("w", newline="") as stream:
-            writer = csv.writer(stream)
-            writer.writerow(SCORE_COLUMNS)
-            writer.writerows(zip(self.ids, self.types, self.j, self.f, strict=True))
-        return path
+        def write(temporary: Path) -> None:
+            with temporary.open("w", newline="") as stream:
+                writer = csv.writer(stream)
+                writer.writerow(SCORE_COLUMNS)
+                writer.writerows(zip(self.ids, self.types, self.j, self.f, strict=True))
+
+        return atomic_write(path, write)
 
     @classmethod
     def read_csv(cls, path: Path) -> ExpressionScores:

@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 
 from lightning_desa2va.console import markdown_table, quiet_third_party_output
 from lightning_desa2va.errors import RunInterrupted
+from lightning_desa2va.files import atomic_write, atomic_write_text
 from lightning_desa2va.pipeline import ensure_synthetic_shards
 from lightning_desa2va.tuning.ablation import AblationReport, build_report
 from lightning_desa2va.tuning.checks import check_trial_configs
@@ -67,6 +68,10 @@ class SweepResult:
     spec_metrics: list[str]
 
 
+TRIALS_DIR = "trials"
+"""The study folder's subfolder of trial pipeline records (a re-queued trial continues from them)."""
+
+
 @dataclass
 class _Setup:
     """What every worker process needs to open the study and run trials (picklable)."""
@@ -77,12 +82,18 @@ class _Setup:
     tracking_uri: str
     storage: str
     n_trials: int
+    folder: Path
 
     def open(self) -> tuple[optuna.Study, TrialObjective, RetryStaleTrial | None]:
         retry = RetryStaleTrial(self.tracking_uri, self.spec.name) if heartbeats(self.storage) else None
         storage = open_storage(self.storage, self.spec, retry)
         objective = TrialObjective(
-            self.spec, self.overrides, self.experiments_dir, self.tracking_uri, self.n_trials
+            self.spec,
+            self.overrides,
+            self.experiments_dir,
+            self.tracking_uri,
+            self.n_trials,
+            self.folder / TRIALS_DIR,
         )
         return load_study(self.spec, storage), objective, retry
 
@@ -99,7 +110,7 @@ def run_sweep(
     ensure_synthetic_shards(cfg)
     folder = study_dir(Path(cfg.paths.output_dir), spec)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "spec.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(spec)))
+    atomic_write_text(folder / "spec.yaml", OmegaConf.to_yaml(OmegaConf.structured(spec)))
     setup = _Setup(
         spec,
         overrides,
@@ -107,6 +118,7 @@ def run_sweep(
         cfg.logger.tracking_uri,
         storage_url(spec, folder),
         number_of_trials(spec),
+        folder,
     )
     study, objective, retry = setup.open()
     runs = StudyRuns(setup.tracking_uri, spec.name)
@@ -127,7 +139,7 @@ def run_sweep(
                 progress.close()
             report = summarise(study, spec, objective, folder)
             files = [folder / "trials.csv", *(report.files if report else [])]
-            study.trials_dataframe().to_csv(files[0], index=False)
+            atomic_write(files[0], lambda path: study.trials_dataframe().to_csv(path, index=False))
             plots = save_plots(study, spec, folder)
             runs.log_summary(parent_id, study, plots, files, description(spec, report, url))
     except RunInterrupted:
