@@ -54,7 +54,7 @@ def tracking_uri(root: Path) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
-def sweep_command(root: Path, spec: Path, *options: str) -> list[str]:
+def sweep_command(root: Path, spec: Path, *options: str, tracking: str | None = None) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -63,19 +63,21 @@ def sweep_command(root: Path, spec: Path, *options: str) -> list[str]:
         str(EXPERIMENTS),
         "sweep",
         str(spec),
-        f"logger.tracking_uri={tracking_uri(root)}",
+        f"logger.tracking_uri={tracking or tracking_uri(root)}",
         *options,
     ]
 
 
-def start_sweep(root: Path, spec: Path, *options: str) -> subprocess.Popen:
-    """``desa2va sweep`` as its own process in ``root`` (its log in ``root/sweep.log``)."""
+def start_sweep(
+    root: Path, spec: Path, *options: str, tracking: str | None = None, log_name: str = "sweep.log"
+) -> subprocess.Popen:
+    """``desa2va sweep`` as its own process in ``root`` (its log in ``root/<log_name>``), logging to the
+    local store in ``root`` unless ``tracking`` names another."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    log = (root / "sweep.log").open("a")
-    return subprocess.Popen(
-        sweep_command(root, spec, *options), cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT
-    )
+    log = (root / log_name).open("a")
+    command = sweep_command(root, spec, *options, tracking=tracking)
+    return subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def run_sweep_process(root: Path, spec: Path, *options: str, timeout: float = 600) -> None:

@@ -1,7 +1,8 @@
 """What a sweep checks by composing configs before any trial trains (after the spec's own checks, which need
 no model stack): every choice composes, the metric is one the pipeline's last stage logs, ``prune_stage`` is
-one of its stages, and an ablation's arms train the same total steps. Errors name the spec field, with
-"did you mean" for a near-miss config key or variant."""
+one of its stages, an ablation's arms train the same total steps, a trial trains on one device, and a study
+shared through a database server logs to a tracking server. Errors name the spec field, with "did you mean"
+for a near-miss config key or variant."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lightning_desa2va.config import ConfigError, compose_config, config_groups
 from lightning_desa2va.tuning.metric_names import did_you_mean, unknown_metric
@@ -23,6 +24,8 @@ from lightning_desa2va.tuning.spec import (
 )
 
 BASE_FIELD = "experiment / overrides"
+REMOTE_DATABASES = ("postgresql", "mysql", "mariadb", "oracle", "mssql")
+TRACKING_SERVERS = ("http://", "https://", "databricks")
 UNKNOWN_KEY = re.compile(r"Could not override '([^']+)'")
 UNKNOWN_CHOICE = re.compile(r"Could not find '([^'/]+)/([^']+)'")
 
@@ -40,6 +43,7 @@ def check_trial_configs(spec: SweepSpec, overrides: list[str], experiments_dir: 
             problem = unknown_metric(metric, stages[-1])
             if problem:
                 raise SweepSpecError(f"{arm.format(key='metric')}: {problem}")
+        check_one_device(arm, cfg)
         if spec.prune_stage is not None and spec.prune_stage not in stages:
             message = f"'{spec.prune_stage}' is not a stage of the pipeline {stages}"
             raise SweepSpecError(f"{arm.format(key='prune_stage')}: {message}")
@@ -54,6 +58,31 @@ def check_trial_configs(spec: SweepSpec, overrides: list[str], experiments_dir: 
             }
     check_equal_budgets(budgets)
     return base
+
+
+def check_one_device(arm: str, cfg: DictConfig) -> None:
+    """A trial trains on one device: a distributed launch would start the whole sweep once per process.
+    Several devices serve a sweep as workers instead (``--workers N``: one device each)."""
+    devices, nodes = cfg.trainer.devices, cfg.trainer.num_nodes
+    if (isinstance(devices, int) and devices > 1) or isinstance(devices, list | ListConfig) or nodes > 1:
+        raise SweepSpecError(
+            f"{arm.format(key='overrides')}: a trial trains on one device (trainer.devices={devices}, "
+            f"trainer.num_nodes={nodes}); `desa2va sweep SPEC --workers N` trains N trials at once, one "
+            "device each"
+        )
+
+
+def check_shared_tracking(storage: str | None, tracking_uri: str) -> None:
+    """A study in a database server is shared by workers on several machines: their runs must go to one
+    tracking server, or each machine's would stay in its own local store (and the parent run id kept in the
+    study would name a run the others cannot see)."""
+    remote_storage = storage is not None and storage.split(":", 1)[0].split("+")[0] in REMOTE_DATABASES
+    if remote_storage and not tracking_uri.startswith(TRACKING_SERVERS):
+        raise SweepSpecError(
+            f"sweep spec field 'storage' ({storage.split('@')[-1]}) is a database server, but runs would be "
+            f"logged to {tracking_uri}, a store on this machine: set MLFLOW_TRACKING_URI (or "
+            "logger.tracking_uri) to the team's MLflow server, e.g. http://127.0.0.1:5001 (desa2va services)"
+        )
 
 
 def check_equal_budgets(budgets: dict[str, dict[str, int]]) -> None:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import optuna
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from omegaconf import DictConfig, OmegaConf
@@ -36,6 +38,8 @@ from lightning_desa2va.tuning.stats import ExpressionScores
 
 log = logging.getLogger(__name__)
 
+PARENT_WAIT_S = 120.0  # how long a joining machine waits for the study's creator to make the parent run
+PARENT_POLL_S = 1.0
 STUDY_TAG = "sweep.study"
 ROLE_TAG = "sweep.role"
 TRIAL_TAG = "sweep.trial"
@@ -64,14 +68,28 @@ class StudyRuns:
         self.study_name = study_name
         ensure_tracking_store(tracking_uri)
         self.client = MlflowClient(tracking_uri=tracking_uri)
-        experiment = self.client.get_experiment_by_name(study_name)
-        self.experiment_id = (
-            experiment.experiment_id if experiment else self.client.create_experiment(study_name)
-        )
+        self.experiment_id = self._experiment_id(study_name)
         self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
 
-    def open_parent(self, study: optuna.Study, params: dict[str, Any]) -> str:
-        """The study's parent run: created on the first start, continued when the study resumes."""
+    def _experiment_id(self, name: str) -> str:
+        """The study's experiment, created if missing (by whichever process of a team is first)."""
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    def open_parent(self, study: optuna.Study, params: dict[str, Any], created: bool) -> str:
+        """The study's parent run: created by the process that ``created`` the study, continued when the
+        study resumes or another machine joins it (which waits for the creator's run, then makes one if
+        the creator died first)."""
+        deadline = time.monotonic() + PARENT_WAIT_S
+        while not created and PARENT_RUN_ATTR not in study.user_attrs and time.monotonic() < deadline:
+            time.sleep(PARENT_POLL_S)
         run_id = study.user_attrs.get(PARENT_RUN_ATTR)
         if run_id is not None:
             self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))

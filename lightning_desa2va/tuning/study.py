@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -88,16 +89,29 @@ def build_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+CREATOR_ATTR = "created_by"
+
+
+def created_here(study: optuna.Study) -> bool:
+    """Whether this process created the study."""
+    return study.user_attrs.get(CREATOR_ATTR) == f"{socket.gethostname()}:{os.getpid()}"
+
+
 def load_study(spec: SweepSpec, storage: BaseStorage) -> optuna.Study:
-    """Create the study, or load it when it exists (running a sweep again resumes it)."""
-    study = optuna.create_study(
-        study_name=spec.name,
-        storage=storage,
-        sampler=build_sampler(spec),
-        pruner=build_pruner(spec),
-        directions=[direction.value for direction in spec.direction],
-        load_if_exists=True,
-    )
+    """Create the study, or load it when it exists (running a sweep again resumes it; a worker on another
+    machine joins it). Which process created it is recorded (``created``): the storage decides that
+    atomically, so exactly one process of a team makes the study's parent run."""
+    options = {
+        "study_name": spec.name,
+        "storage": storage,
+        "sampler": build_sampler(spec),
+        "pruner": build_pruner(spec),
+    }
+    try:
+        study = optuna.create_study(**options, directions=[d.value for d in spec.direction])
+        study.set_user_attr(CREATOR_ATTR, f"{socket.gethostname()}:{os.getpid()}")
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(**options)
     if study.metric_names != spec.metric:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

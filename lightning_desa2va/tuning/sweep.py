@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+import torch
 from mlflow.entities import RunStatus
 from omegaconf import OmegaConf
 
@@ -27,7 +31,7 @@ from lightning_desa2va.errors import RunInterrupted
 from lightning_desa2va.files import atomic_write, atomic_write_text
 from lightning_desa2va.pipeline import ensure_synthetic_shards
 from lightning_desa2va.tuning.ablation import AblationReport, build_report
-from lightning_desa2va.tuning.checks import check_trial_configs
+from lightning_desa2va.tuning.checks import check_shared_tracking, check_trial_configs
 from lightning_desa2va.tuning.confirm import confirm, confirmation_report
 from lightning_desa2va.tuning.metric_names import TRIAL_MEASURES
 from lightning_desa2va.tuning.mlflow_runs import RetryStaleTrial, StudyRuns, best_trials, flat_spec
@@ -45,6 +49,7 @@ from lightning_desa2va.tuning.spec import (
 from lightning_desa2va.tuning.study import (
     StudyProgress,
     count_trials,
+    created_here,
     heartbeats,
     load_study,
     open_storage,
@@ -68,6 +73,7 @@ class SweepResult:
     spec_metrics: list[str]
 
 
+CUDA_VISIBLE = "CUDA_VISIBLE_DEVICES"
 TRIALS_DIR = "trials"
 """The study folder's subfolder of trial pipeline records (a re-queued trial continues from them)."""
 
@@ -107,6 +113,7 @@ def run_sweep(
     cfg = check_trial_configs(spec, overrides, experiments_dir)
     if cfg.logger is None:
         raise SweepSpecError("a sweep logs every trial to MLflow: logger must not be null")
+    check_shared_tracking(spec.storage, cfg.logger.tracking_uri)
     ensure_synthetic_shards(cfg)
     folder = study_dir(Path(cfg.paths.output_dir), spec)
     folder.mkdir(parents=True, exist_ok=True)
@@ -122,7 +129,7 @@ def run_sweep(
     )
     study, objective, retry = setup.open()
     runs = StudyRuns(setup.tracking_uri, spec.name)
-    parent_id = runs.open_parent(study, flat_spec(spec))
+    parent_id = runs.open_parent(study, flat_spec(spec), created_here(study))
     url = save_view(runs, spec)
     log.info("study %s: storage %s, MLflow parent run %s", spec.name, setup.storage, parent_id)
     log.info("compare the trials in MLflow (make ui): %s", url)
@@ -177,8 +184,9 @@ def _run_workers(setup: _Setup, workers: int, study: optuna.Study, progress: Stu
     passes SIGTERM on to the workers (each fails and re-queues its trial) and waits for them."""
     context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=_worker, args=(setup,), name=f"worker-{i}") for i in range(workers)]
-    for process in processes:
-        process.start()
+    for index, process in enumerate(processes):
+        with own_device(index):
+            process.start()
     try:
         while any(process.is_alive() for process in processes):
             progress.refresh(study)
@@ -193,6 +201,26 @@ def _run_workers(setup: _Setup, workers: int, study: optuna.Study, progress: Stu
     failed = [process.name for process in processes if process.exitcode != 0]
     if failed:
         raise RuntimeError(f"sweep workers {', '.join(failed)} exited with an error (see their log above)")
+
+
+@contextmanager
+def own_device(worker: int) -> Iterator[None]:
+    """Start a worker seeing one GPU of this machine's (round robin), as ``CUDA_VISIBLE_DEVICES`` says to a
+    process started in the block; on a machine without GPUs, nothing changes."""
+    count = torch.cuda.device_count()
+    if count == 0:
+        yield
+        return
+    visible = os.environ.get(CUDA_VISIBLE, ",".join(map(str, range(count)))).split(",")
+    previous = os.environ.get(CUDA_VISIBLE)
+    os.environ[CUDA_VISIBLE] = visible[worker % len(visible)]
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(CUDA_VISIBLE)
+        else:
+            os.environ[CUDA_VISIBLE] = previous
 
 
 def _worker(setup: _Setup) -> None:
