@@ -8,6 +8,9 @@ the expression when it beats this baseline, per expression type.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -24,3 +27,15 @@ def union_of_objects(instance_masks: Tensor) -> Tensor:
     if instance_masks.dtype == torch.bool or instance_masks.is_floating_point():
         raise TypeError(f"instance_masks must hold integer ids, got {instance_masks.dtype}")
     return instance_masks > BACKGROUND_ID
+
+
+def union_and_truth(batch: Mapping[str, Any]) -> Iterator[tuple[Tensor, Tensor, list[str]]]:
+    """(union of objects, ground truth, expression types) to score: each clip at its video's own size where
+    the batch has the originals (evaluation batches: ``original_union_masks``), else the batch as it is."""
+    types = batch["expression_type"]
+    if "original_union_masks" not in batch:
+        yield union_of_objects(batch["instance_masks"]), batch["target_masks"], types
+        return
+    originals = zip(batch["original_union_masks"], batch["original_target_masks"], types, strict=True)
+    for union, target, kind in originals:
+        yield union[None], target[None], [kind]

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 from omegaconf import DictConfig
 
-from lightning_desa2va.baselines import union_of_objects
+from lightning_desa2va.baselines import union_and_truth
 from lightning_desa2va.build import build_components
 from lightning_desa2va.config import compose_config, save_config
 from lightning_desa2va.data.datamodule import TEST, TRAIN, VAL, RefVOSDataModule
@@ -238,9 +238,8 @@ def union_baseline_scores(loader: Iterable[dict[str, Any]]) -> dict[str, float]:
     """J&F of the union-of-objects prediction over every batch of ``loader``."""
     metric = JFMetric()
     for batch in loader:
-        metric.update(
-            union_of_objects(batch["instance_masks"]), batch["target_masks"], batch["expression_type"]
-        )
+        for union, target, types in union_and_truth(batch):  # at each video's own size
+            metric.update(union, target, types)
     return metric.compute()
 
 

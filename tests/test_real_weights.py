@@ -7,9 +7,11 @@ one line.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText
@@ -82,17 +84,26 @@ def test_the_finetuned_internvl_hf_model_predicts_a_video_under_sa2va(finetuned,
     assert len(list((tmp_path / "out").glob("mask_*.png"))) == PREDICT_FRAMES
 
 
-def test_only_the_seg_embedding_row_and_lora_train(finetuned, real_weights):
-    cfg, _, _, state = finetuned
+def test_only_the_seg_rows_and_lora_train_and_the_checkpoint_keeps_them_alone(finetuned, real_weights):
+    """The checkpoint holds LoRA and the [SEG] row, not the frozen folder weights; rebuilt from the folder
+    it gives every pretrained row untouched and [SEG]'s trained row, in the input embedding and, tied as the
+    folder ties them, in lm_head."""
+    from lightning_desa2va.predict import load_predictor
+
+    cfg, run, _, state = finetuned
     seg_id = load_pretrained_tokenizer(str(real_weights.vlm_folder)).convert_tokens_to_ids(SEG_TOKEN)
     pretrained = AutoModelForImageTextToText.from_pretrained(real_weights.vlm_folder, local_files_only=True)
     saved = pretrained.get_input_embeddings().weight.detach()
     assert seg_id == saved.shape[0]  # [SEG] is new to the checkpoint: its row was added
-    base = state[f"{EMBEDDING}.token_adapter.base_layer.weight"]  # frozen: the rows as loaded and resized
+    assert not any("base_layer" in key or key.endswith("embed_tokens.weight") for key in state)
     delta = state[f"{EMBEDDING}.token_adapter.trainable_tokens_delta.default"]  # the [SEG] row, trained
-    assert delta.shape == (1, base.shape[1])
-    assert not torch.allclose(delta[0], base[seg_id])  # the [SEG] row moved
-    assert torch.equal(base[:seg_id], saved)  # every pretrained row is untouched
+    assert delta.shape == (1, saved.shape[1])
+    vlm = load_predictor(cfg, run.checkpoint).stage.model.vlm.model
+    embedding, head = vlm.get_input_embeddings(), vlm.get_output_embeddings()
+    assert not torch.allclose(delta[0], embedding.token_adapter.trainable_tokens_original["default"][0])
+    assert torch.equal(embedding.weight[:seg_id], saved)  # every pretrained row is untouched
+    assert torch.equal(embedding.weight[seg_id], delta[0])
+    assert torch.equal(head.weight[seg_id], delta[0])  # tied: the [SEG] it predicts is the one it reads
     lora_b = [value for key, value in state.items() if "lora_B" in key]
     assert lora_b and all(value.abs().sum() > 0 for value in lora_b)  # LoRA B starts at 0: it trained
 
@@ -207,7 +218,58 @@ def test_qwen2_5_vl_folder_trains_stage_two_with_its_vision_tokens(real_weights,
         run = train_stage(cfg)
     assert 0.0 <= run.metrics["JF"] <= 1.0
     state = torch.load(run.checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-    base = state[f"{EMBEDDING}.token_adapter.base_layer.weight"]
     delta = state[f"{EMBEDDING}.token_adapter.trainable_tokens_delta.default"]
-    assert not torch.allclose(delta[0], base[-1])  # [SEG], the last row, moved
+    assert delta.shape == (1, 32) and delta.abs().sum() > 0  # the [SEG] row is kept
     assert all(value.abs().sum() > 0 for key, value in state.items() if "lora_B" in key)
+
+
+def test_export_is_a_hugging_face_folder_that_predict_and_eval_read_with_the_checkpoints_masks(
+    finetuned, tmp_path, capsys
+):
+    """LoRA and [SEG] merged into a transformers folder; predict on it gives the checkpoint's masks, eval its
+    scores, and every part holds as many parameters as the base model."""
+    from lightning_desa2va.data.synthetic import SyntheticConfig, render_video
+    from lightning_desa2va.predict import load_predictor, predict_config
+
+    cfg, run, scores, _ = finetuned
+    out = tmp_path / "export"
+    data_dir = run.output_dir.parents[3] / cfg.paths.data_dir  # <root>/outputs/<experiment>/<stage>/<run>
+    overrides = [*cfg.run.overrides, f"paths.data_dir={data_dir}"]
+    main(
+        [
+            "--experiments-dir",
+            str(EXPERIMENTS_DIR),
+            "export",
+            str(run.checkpoint),
+            "--out",
+            str(out),
+            *overrides,
+        ]
+    )
+    printed = capsys.readouterr().out
+    manifest = json.loads((out / "desa2va.json").read_text())
+    assert [(size["exported"], size["base"]) for size in manifest["sizes"]] == [
+        (size["base"], size["base"]) for size in manifest["sizes"]
+    ]
+    assert "VLM" in printed and "SAM-2" in printed
+    exported = AutoModelForImageTextToText.from_pretrained(
+        out, local_files_only=True
+    )  # transformers reads it
+    seg_id = load_pretrained_tokenizer(str(out)).convert_tokens_to_ids(SEG_TOKEN)
+    assert seg_id == exported.get_input_embeddings().num_embeddings - 1  # [SEG] is in the saved tokenizer
+    assert manifest["scores"]["val/JF"] == pytest.approx(run.metrics["JF"])
+    assert "base_model: InternVL3-tiny-hf" in (out / "README.md").read_text()
+
+    video = render_video(SyntheticConfig(image_size=PREDICT_VIDEO_SIZE, num_frames=PREDICT_FRAMES), 1, "clip")
+    expression = video.sample.expressions[0].text
+    from_checkpoint = load_predictor(
+        predict_config(overrides, run.checkpoint, EXPERIMENTS_DIR), run.checkpoint
+    )
+    from_export = load_predictor(predict_config([f"paths.data_dir={data_dir}"], out, EXPERIMENTS_DIR), out)
+    assert "lora_" not in str(dict(from_export.stage.model.named_parameters()).keys())
+    np.testing.assert_array_equal(
+        from_export.masks(video.frames, expression), from_checkpoint.masks(video.frames, expression)
+    )
+    export_cfg = predict_config([f"paths.data_dir={data_dir}", "eval=per_frame"], out, EXPERIMENTS_DIR)
+    export_scores, _ = evaluate_checkpoint(export_cfg, out, "val")
+    assert export_scores["JF"] == pytest.approx(scores["JF"], abs=1e-6)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from hydra.errors import HydraException, InstantiationException
 
-from lightning_desa2va.cli import predict, pretrain, runs, shards, sweep
+from lightning_desa2va.cli import export, predict, pretrain, runs, shards, submit, sweep
 from lightning_desa2va.cli.help import EXAMPLES, HelpFormatter
 from lightning_desa2va.config import ConfigError
 from lightning_desa2va.console import quiet_third_party_output
@@ -18,7 +18,7 @@ from lightning_desa2va.data.schema import ShardFormatError
 from lightning_desa2va.errors import CheckpointError, ExpressionError, VideoError, WeightsFormatError
 
 LIGHTNING_LOGGER = "lightning"
-COMMAND_MODULES = (runs, predict, pretrain, shards, sweep)
+COMMAND_MODULES = (runs, predict, export, submit, pretrain, shards, sweep)
 """Modules with a ``register(commands)`` function, in the order ``--help`` lists their subcommands."""
 
 USER_ERRORS = (

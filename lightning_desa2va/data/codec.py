@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from lightning_desa2va.data.errors import ShardFormatError
 
@@ -86,3 +88,24 @@ def decode_mask(data: bytes, size: tuple[int, int], where: str, key: str) -> np.
     if ids.shape != size:
         raise _mismatch(where, key, ids.shape, size)
     return ids.astype(np.uint16, copy=False)
+
+
+def centre_indices(source: int, target: int) -> np.ndarray:
+    """Source rows (or columns) under the centres of ``target`` resized pixels (how image resizing maps
+    pixels, so masks resized this way stay aligned with the resized frames)."""
+    return np.minimum(((np.arange(target) + 0.5) * source / target).astype(np.int64), source - 1)
+
+
+def encode_rle(mask: np.ndarray) -> dict[str, Any] | None:
+    """A binary HxW mask as compressed COCO RLE with str counts (JSON-able), ``None`` when empty."""
+    if not mask.any():
+        return None
+    encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(side) for side in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
+
+
+def decode_rle(rle: dict[str, Any] | None, size: tuple[int, int]) -> np.ndarray:
+    """A mask of :func:`encode_rle` (``None``: empty) as an HxW bool array."""
+    if rle is None:
+        return np.zeros(size, dtype=bool)
+    return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")}).astype(bool)
