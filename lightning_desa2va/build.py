@@ -25,6 +25,8 @@ from lightning_desa2va.stages.base import SegmentationStage
 PRECISION_PREFIXES = (("bf16", torch.bfloat16), ("16", torch.float16))
 """Lightning precision names by the dtype they compute in (checked in this order)."""
 CPU = "cpu"
+MODEL_GROUPS = ("model", "decoupler", "text_prompt", "visual_prompt", "fusion", "motion_cue", "motion_prompt")
+"""Config groups whose variant shapes the model's weights."""
 
 
 @dataclass
@@ -77,11 +79,12 @@ def build_components(cfg: DictConfig) -> Components:
 
 
 def run_overrides(cfg: DictConfig) -> list[str]:
-    """The run's overrides, led by its model choice when they do not name one (checkpoints record them)."""
+    """The run's overrides, led by the variants of the groups that shape the model which they do not name
+    (checkpoints record them: they say which model a checkpoint fits)."""
     overrides = list(cfg.run.overrides)
-    if not any(override.lstrip("+~").partition("=")[0] == "model" for override in overrides):
-        overrides.insert(0, f"model={cfg.run.choices.model}")
-    return overrides
+    named = {override.lstrip("+~").partition("=")[0] for override in overrides}
+    chosen = [f"{group}={cfg.run.choices[group]}" for group in MODEL_GROUPS if group not in named]
+    return [*chosen, *overrides]
 
 
 def frozen_dtype(trainer: DictConfig) -> torch.dtype:

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedTokenizerBase
 
-from lightning_desa2va.build import build_components
+from lightning_desa2va.build import build_components, run_overrides
 from lightning_desa2va.config import save_config
 from lightning_desa2va.errors import CheckpointError
 from lightning_desa2va.foundations import export_weights
@@ -42,6 +42,7 @@ from lightning_desa2va.stages.checkpoints import (
     FOUNDATIONS,
     StageWeights,
     apply_model_weights,
+    model_overrides,
     read_model_weights,
     scores_of,
 )
@@ -56,19 +57,8 @@ TINY_MODEL = "tiny"
 SAFETENSORS_GLOB = "*.safetensors"
 ADAPTER_TAGS = ("lora_", "trainable_tokens")
 """Parameter-name parts of adapters, which merging folds into the base weights."""
-COMPONENT_KEYS = (
-    "experiment",
-    "model",
-    "decoupler",
-    "text_prompt",
-    "visual_prompt",
-    "fusion",
-    "motion_cue",
-    "motion_prompt",
-    "paths.weights_dir",
-    "paths.foundations_dir",
-)
-"""Override keys (and sub-keys) of a run that shape its model: an export keeps them."""
+REPLACED = {"model", "model.folder", "model.vlm.weights", "model.sam2.checkpoint"}
+"""Overrides of the run that the export's own replace."""
 EXPORT_STAGE = ["stage.lora=null", "stage.init_from=null"]
 """An exported VLM has LoRA merged: no adapter to add, nothing to initialise from."""
 CARD_TAGS = ["desa2va", "sa2va", "referring-video-object-segmentation", "sam2"]
@@ -216,19 +206,11 @@ def read_back(files: list[Path]) -> dict[str, Tensor]:
 def read_back_overrides(cfg: DictConfig, out: Path, kind: str) -> list[str]:
     """The run's overrides that shape its model, then those that build it from ``out`` instead."""
     kept = [
-        override
-        for override in cfg.run.overrides
-        if any(
-            (key := override.lstrip("+~").partition("=")[0]) == name or key.startswith(f"{name}.")
-            for name in COMPONENT_KEYS
-        )
+        o for o in model_overrides(run_overrides(cfg)) if o.lstrip("+~").partition("=")[0] not in REPLACED
     ]
     folder = out.resolve()
-    if kind == TINY_MODEL:
-        vlm = [f"model.vlm.weights={folder / TINY_VLM_FILE}"]
-    else:
-        vlm = [f"model={kind}", f"model.folder={folder}"]
-    return [*kept, *vlm, f"model.sam2.checkpoint={folder / SAM2_FILE}", *EXPORT_STAGE]
+    vlm = f"model.vlm.weights={folder / TINY_VLM_FILE}" if kind == TINY_MODEL else f"model.folder={folder}"
+    return [f"model={kind}", *kept, vlm, f"model.sam2.checkpoint={folder / SAM2_FILE}", *EXPORT_STAGE]
 
 
 def run_scores(checkpoint: Path) -> dict[str, float]:

@@ -273,3 +273,30 @@ def test_export_is_a_hugging_face_folder_that_predict_and_eval_read_with_the_che
     export_cfg = predict_config([f"paths.data_dir={data_dir}", "eval=per_frame"], out, EXPERIMENTS_DIR)
     export_scores, _ = evaluate_checkpoint(export_cfg, out, "val")
     assert export_scores["JF"] == pytest.approx(scores["JF"], abs=1e-6)
+
+
+def test_predict_or_eval_of_a_checkpoint_under_another_model_is_one_line_naming_the_overrides_that_fit(
+    finetuned, real_weights, tmp_path, capsys
+):
+    """The InternVL-hf checkpoint under the tiny default (no model overrides) and under Qwen2.5-VL's."""
+    from PIL import Image
+
+    _, run, _, _ = finetuned
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    Image.new("RGB", (32, 32)).save(frames / "000.png")
+    predict = [
+        "predict",
+        "--video",
+        str(frames),
+        "--expression",
+        "the red circle",
+        "--ckpt",
+        str(run.checkpoint),
+    ]
+    for command in (predict, [*predict, *real_weights.qwen_overrides], ["eval", str(run.checkpoint)]):
+        with pytest.raises(SystemExit):
+            main(["--experiments-dir", str(EXPERIMENTS_DIR), *command, "stage=decoupled_finetune"])
+        line = _error_line(capsys)
+        assert line.startswith(f"desa2va: error: {run.checkpoint} does not fit the configured model: "), line
+        assert "model=internvl_hf" in line and f"model.folder={real_weights.vlm_folder}" in line

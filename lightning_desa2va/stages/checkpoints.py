@@ -33,7 +33,18 @@ RECORD_KEY = "desa2va"
 """Where a Lightning checkpoint holds its :class:`CheckpointRecord`."""
 FOUNDATIONS = ("vlm.", "sam.")
 """Model parts built from a base (folder, checkpoint, foundations) that rebuilds their frozen weights."""
-MODEL_KEYS = ("model", "experiment", "paths.weights_dir", "paths.foundations_dir")
+MODEL_KEYS = (
+    "experiment",
+    "model",
+    "decoupler",
+    "text_prompt",
+    "visual_prompt",
+    "fusion",
+    "motion_cue",
+    "motion_prompt",
+    "paths.weights_dir",
+    "paths.foundations_dir",
+)
 """Override keys (and their sub-keys) that decide which model a checkpoint fits."""
 SCORE_PREFIXES = ("val/", "test/")
 EXPORT_MANIFEST = "desa2va.json"
@@ -183,8 +194,8 @@ def apply_model_weights(model: nn.Module, weights: StageWeights, complete: bool 
     missing = [key for key in expected if key not in weights.tensors and not weights.record.is_rebuilt(key)]
     if missing and complete:
         raise CheckpointError(
-            f"{where} lacks {len(missing)} weights of the configured model, first {missing[0]} (a checkpoint "
-            f"of another stage or model?){hint}"
+            f"{where} does not fit the configured model: it lacks {len(missing)} of its weights, first "
+            f"{missing[0]} (a checkpoint of another stage or model?){hint}"
         )
     model.load_state_dict(weights.tensors, strict=False)
     if missing:
