@@ -74,7 +74,7 @@ def build_components(cfg: DictConfig) -> Components:
     model = build_model(cfg, tokenizer)
     stage = instantiate(cfg.stage, model=model, loss=instantiate(cfg.loss))
     stage.run_overrides = run_overrides(cfg)
-    hold_frozen_in(stage, frozen_dtype(cfg.trainer))
+    hold_in_precision(stage, frozen_dtype(cfg.trainer))
     return Components(tokenizer, model, build_datamodule(cfg, tokenizer, model), stage)
 
 
@@ -101,8 +101,9 @@ def frozen_dtype(trainer: DictConfig) -> torch.dtype:
     return torch.float32
 
 
-def hold_frozen_in(module: nn.Module, dtype: torch.dtype) -> None:
-    """Cast the frozen floating-point parameters of ``module`` to ``dtype``; trainable ones stay as built."""
+def hold_in_precision(module: nn.Module, frozen: torch.dtype) -> None:
+    """Hold the frozen floating-point parameters of ``module`` in ``frozen`` and the trainable ones in fp32
+    (a base loaded in bf16, ``model.vlm.dtype``, gives LoRA bf16 layers: the optimizer needs fp32)."""
     for parameter in module.parameters():
-        if not parameter.requires_grad and parameter.is_floating_point():
-            parameter.data = parameter.data.to(dtype)
+        if parameter.is_floating_point():
+            parameter.data = parameter.data.to(torch.float32 if parameter.requires_grad else frozen)

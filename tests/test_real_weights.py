@@ -134,10 +134,53 @@ def test_real_recipes_compose_sa2va_values_and_stage_two_lora(experiment, folder
         assert (cfg.trainer.accelerator, cfg.trainer.precision) == ("gpu", "bf16-mixed")
         assert cfg.stage.optimizer.lr == pytest.approx(4e-5)
         assert cfg.data.num_frames == (2 if cfg is text else 5)  # stage 1 reads 2 frames, as in the default
+        assert cfg.loss.mask.num_points == 12544 and cfg.model.vlm.gradient_checkpointing
+        assert cfg.run.choices.eval == "sa2va_i"  # tracking by the official SAM-2's mask decoder
+        assert cfg.eval.foundation_sam2.checkpoint == cfg.model.sam2.checkpoint
+        assert cfg.run.choices.motion_prompt == "none" and cfg.loss.w_stated_motion == cfg.stage.w_motion == 0
+        assert not cfg.logger.log_model
+        # validation (counts batches) and checkpoints (count optimizer steps) fall on the same steps
+        accumulate, every = cfg.trainer.accumulate_grad_batches, cfg.trainer.callbacks[0].every_n_train_steps
+        assert cfg.trainer.val_check_interval == accumulate * every and cfg.trainer.max_steps % every == 0
     assert "lora" not in text.stage
     assert (finetune.stage.lora.r, finetune.stage.lora.lora_alpha) == (128, 256)
     moved = compose_config([f"experiment={experiment}", "paths.weights_dir=/data/w"], EXPERIMENTS_DIR)
     assert moved.model.vlm.path == f"/data/w/{folder}"
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(real_weights):
+    """Layers recompute their activations in the backward pass; LoRA and [SEG] get the same gradients."""
+    from peft import LoraConfig
+
+    from lightning_desa2va.models.vlm import load_pretrained_vlm
+
+    tokenizer = load_pretrained_tokenizer(str(real_weights.vlm_folder))
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        vlm = load_pretrained_vlm(
+            str(real_weights.vlm_folder), tokenizer, [SEG_TOKEN], "float32", checkpointing
+        )
+        vlm.requires_grad_(False)
+        lora = LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"
+        )
+        tags = vlm.adapt(lora)
+        for name, parameter in vlm.named_parameters():
+            parameter.requires_grad_(any(tag in name for tag in tags))
+        vlm.train()
+        assert vlm.model.is_gradient_checkpointing == checkpointing
+        chat = ChatEncoder(tokenizer, ChatTemplates(), vlm.image_tokens).segmentation("the red square", 2, [])
+        pixels = torch.randn(2, 3, vlm.image_size, vlm.image_size, generator=torch.Generator().manual_seed(1))
+        out = vlm(chat.input_ids[None], torch.ones_like(chat.input_ids)[None], pixels, chat.labels[None])
+        (out.lm_loss + out.seg_hidden.square().mean()).backward()
+        grads = {name: p.grad.clone() for name, p in vlm.named_parameters() if p.requires_grad}
+        results.append((out.lm_loss.detach(), grads))
+    (loss, grads), (checkpointed_loss, checkpointed_grads) = results
+    assert torch.allclose(loss, checkpointed_loss) and grads.keys() == checkpointed_grads.keys()
+    assert any("trainable_tokens_delta" in name for name in grads)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, checkpointed_grads[name], atol=1e-6), name
 
 
 def test_missing_vlm_folder_is_one_line(real_weights, capsys):
