@@ -59,8 +59,8 @@ ADAPTER_TAGS = ("lora_", "trainable_tokens")
 """Parameter-name parts of adapters, which merging folds into the base weights."""
 REPLACED = {"model", "model.folder", "model.vlm.weights", "model.sam2.checkpoint"}
 """Overrides of the run that the export's own replace."""
-EXPORT_STAGE = ["stage.lora=null", "stage.init_from=null"]
-"""An exported VLM has LoRA merged: no adapter to add, nothing to initialise from."""
+EXPORT_STAGE = ["stage=decoupled_finetune", "stage.lora=null", "stage.init_from=null"]
+"""An export is a stage-2 model whose VLM has LoRA merged: no adapter to add, nothing to initialise from."""
 CARD_TAGS = ["desa2va", "sa2va", "referring-video-object-segmentation", "sam2"]
 VLM_PART, SAM2_PART, MODULES_PART = "VLM", "SAM-2", "DeSa2VA modules + trained SAM-2"
 

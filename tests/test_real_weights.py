@@ -169,7 +169,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(real_weights):
         for name, parameter in vlm.named_parameters():
             parameter.requires_grad_(any(tag in name for tag in tags))
         vlm.train()
-        assert vlm.model.is_gradient_checkpointing == checkpointing
+        assert vlm.model.is_activation_checkpointing == checkpointing
         chat = ChatEncoder(tokenizer, ChatTemplates(), vlm.image_tokens).segmentation("the red square", 2, [])
         pixels = torch.randn(2, 3, vlm.image_size, vlm.image_size, generator=torch.Generator().manual_seed(1))
         out = vlm(chat.input_ids[None], torch.ones_like(chat.input_ids)[None], pixels, chat.labels[None])

@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from lightning_desa2va.data.schema import Expression, VideoSample
-from lightning_desa2va.data.shards import read_manifest, read_split, split_urls
+from lightning_desa2va.data.shards import check_schema_version, read_manifest, read_split, split_urls
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,9 @@ def split_expressions(data_dir: Path, split: str) -> int:
 
 
 def videos_of(data_dir: Path, split: str) -> Iterator[VideoSample]:
-    """The videos of a converted split, in shard order."""
+    """The videos of a converted split, in shard order (shards whose ground truth is not the published one,
+    version 2 with overlapping objects, refused first)."""
+    check_schema_version(Path(data_dir))
     return read_split(split_urls(Path(data_dir), split))
 
 
