@@ -32,9 +32,8 @@ video id with every character other than letters, digits, ``-`` and ``_`` replac
     where the data has one, else empty; object attributes are ``""`` when unknown, as for real datasets.
     ``source_id`` is the dataset's own id of an object or expression (MeViS ``obj_id``, COCO ``ann_id``,
     an expression's key), ``frame_names`` its frame names, so predictions can be written in its layout.
-    ``ground_truth`` is false for a split published without masks (MeViS ``valid``, Ref-YouTube-VOS
-    ``valid``): no mask members, no objects, expressions without object ids, for inference and submission
-    only. ``object_rles`` says the sample has an ``rle.json`` member (objects overlap somewhere).
+    ``ground_truth`` is false for a split published without masks (MeViS ``valid``): no mask members, no
+    objects, no target ids, for inference only. ``object_rles``: the sample has an ``rle.json`` member.
 ``<key>.frame_000.jpg`` ... ``frame_{T-1:03d}.jpg``
     RGB frames at the stored size, JPEG.
 ``<key>.mask_000.png`` ... ``mask_{T-1:03d}.png``
@@ -45,21 +44,16 @@ video id with every character other than letters, digits, ``-`` and ``_`` replac
     The same maps at the original size, present only when the stored size differs from it, so scores can
     be computed at the original resolution while training decodes the small maps.
 ``<key>.rle.json``
-    Present only when some pixel belongs to more than one object in the source (the id maps give it to one
-    of them): every object's own mask per frame at the original size, as compressed COCO RLE with str
-    counts (``null`` where the object is absent), ``{"<object id>": [rle or null, ...]}``. An expression's
-    ground truth is then the union of its objects' masks, as the benchmarks score it
-    (:meth:`VideoSample.target_mask`); the id maps still serve training's instance maps.
+    Only where objects overlap in the source (the id maps give a pixel to one of them): every object's own
+    mask per frame at the original size, compressed COCO RLE (``null``: absent), ``{"<id>": [rle, ...]}``.
+    An expression's ground truth is the union of its objects' masks (:meth:`VideoSample.target_mask`).
 
-Version 2 samples (no ``ground_truth``, ``object_rles``, ``rle.json``) read as version 3 samples with ground
-truth and no overlap; :func:`~lightning_desa2va.data.shards.check_schema_version` refuses a version-2 data
-set whose manifest counted overlapping pixels, whose ground truth would not be the published one.
+Version 2 samples read as version 3 ones with ground truth and no overlap; ``check_schema_version`` refuses
+a version-2 data set whose manifest counted overlapping pixels (its ground truth is not the published one).
 
-Frames and masks stay encoded in :class:`VideoSample` and are decoded one at a time when asked for, so
-a training clip of T frames decodes T frames of its video, not all of them. Bump :data:`SCHEMA_VERSION`
-whenever this layout changes; readers refuse other versions (:class:`SchemaVersionError`). The image
-encodings are :mod:`~lightning_desa2va.data.codec`'s, the errors and skip reasons
-:mod:`~lightning_desa2va.data.errors`'.
+Frames and masks stay encoded in :class:`VideoSample`, decoded one at a time when asked for (a training
+clip of T frames decodes T frames). Bump :data:`SCHEMA_VERSION` whenever this layout changes; readers refuse
+other versions (:class:`SchemaVersionError`). Encodings: :mod:`~lightning_desa2va.data.codec`.
 """
 
 from __future__ import annotations
@@ -74,13 +68,16 @@ import numpy as np
 
 from lightning_desa2va.data.codec import (
     MAX_OBJECT_ID,
-    centre_indices,
+    RLE_KEY,
+    check_object_rles,
     decode_frame,
     decode_mask,
-    decode_rle,
+    decode_union,
     encode_jpeg,
     encode_mask,
     image_size,
+    object_rles_member,
+    sample_members,
 )
 from lightning_desa2va.data.errors import SchemaVersionError, ShardFormatError
 
@@ -96,8 +93,6 @@ META_KEY = "meta.json"
 FRAME_KEY = "frame_{:03d}.jpg"
 MASK_KEY = "mask_{:03d}.png"
 ORIGINAL_MASK_KEY = "original_mask_{:03d}.png"
-RLE_KEY = "rle.json"
-_MEMBER_RE = re.compile(r"^(frame|mask|original_mask)_(\d+)\.(jpg|png)$")
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -159,8 +154,7 @@ class VideoSample:
     ground_truth: bool = True
     """False for a split published without masks: no masks, objects or target object ids."""
     object_rles: dict[int, list[dict[str, Any] | None]] = field(default_factory=dict)
-    """Per object id, its own mask per frame at the original size (COCO RLE) where objects overlap; empty
-    when the id maps are exact."""
+    """Each object's own mask per frame (COCO RLE, original size) where objects overlap, else empty."""
     origin: str = ""
     """Where the sample was read from (shard and key), for error messages; not stored."""
 
@@ -229,22 +223,13 @@ class VideoSample:
         if not self.object_rles:
             return np.isin(self.original_mask(t) if original else self.mask(t), object_ids)
         assert self.original_size is not None
-        union = np.zeros(self.original_size, dtype=bool)
-        for object_id in object_ids:
-            union |= decode_rle(self.object_rles[object_id][t], self.original_size)
-        if original or not self.resized:
-            return union
-        rows = centre_indices(self.original_size[0], self.size[0])
-        cols = centre_indices(self.original_size[1], self.size[1])
-        return union[rows[:, None], cols[None, :]]
+        rles = [self.object_rles[object_id][t] for object_id in object_ids]
+        return decode_union(rles, self.original_size, self.original_size if original else self.size)
 
     def _require_ground_truth(self) -> None:
         if not self.ground_truth:
-            raise ShardFormatError(
-                f"{self._where()} has no ground truth (converted from a split published without masks): "
-                "it can be inferred on (desa2va submit), not trained or scored on",
-                "missing_mask",
-            )
+            message = "no ground truth (a split published without masks): infer on it, do not train or score"
+            raise ShardFormatError(f"{self._where()} has {message}", "missing_mask")
 
     def original_mask(self, t: int) -> np.ndarray:
         """Instance ids of frame ``t`` at the original size, H0xW0 uint16."""
@@ -326,20 +311,8 @@ def _check_sample(sample: VideoSample) -> None:
 
 
 def _check_rles(where: str, sample: VideoSample) -> None:
-    """Per-object masks: one per frame for exactly the sample's objects, at the original size."""
-    if not sample.object_rles:
-        return
-    ids = sorted(o.id for o in sample.objects)
-    if sorted(sample.object_rles) != ids:
-        raise ShardFormatError(f"{where}: {RLE_KEY} has objects {sorted(sample.object_rles)}, want {ids}")
-    for object_id, rles in sample.object_rles.items():
-        sizes = {tuple(rle["size"]) for rle in rles if rle is not None}
-        if len(rles) != sample.num_frames or not sizes <= {sample.original_size}:
-            raise ShardFormatError(
-                f"{where}: object {object_id} has {len(rles)} masks of sizes {sorted(sizes)} in {RLE_KEY}, "
-                f"want {sample.num_frames} of {sample.original_size}",
-                "size_mismatch",
-            )
+    ids = [o.id for o in sample.objects]
+    check_object_rles(where, sample.object_rles, ids, sample.num_frames, sample.original_size)
 
 
 def encode_sample(sample: VideoSample) -> dict[str, Any]:
@@ -364,34 +337,6 @@ def encode_sample(sample: VideoSample) -> dict[str, Any]:
 def _where(raw: dict[str, Any]) -> str:
     """Name the input of a raw sample for error messages."""
     return f"shard {raw.get('__url__', '<unknown shard>')!s}, sample {raw.get('__key__', '<no key>')!r}"
-
-
-def _members(
-    raw: dict[str, Any], where: str, num_frames: int, resized: bool, masks: bool
-) -> dict[str, list[bytes]]:
-    """Frame and mask members by kind, checked against the frame count (reasons as the skip counts say)."""
-    found: dict[str, dict[int, bytes]] = {"frame": {}, "mask": {}, "original_mask": {}}
-    for name, value in raw.items():
-        match = _MEMBER_RE.match(name)
-        if match:
-            found[match.group(1)][int(match.group(2))] = value
-    frames = found["frame"]
-    if sorted(frames) != list(range(num_frames)):
-        raise ShardFormatError(
-            f"{where}: meta says {num_frames} frames, the sample has frames {sorted(frames)}",
-            "frame_count_mismatch",
-        )
-    kinds = ("mask", "original_mask") if resized else ("mask",) if masks else ()
-    for kind in kinds:
-        missing = [t for t in range(num_frames) if t not in found[kind]]
-        if missing:
-            raise ShardFormatError(f"{where}: no {kind} member for frames {missing}", "missing_mask")
-        extra = sorted(set(found[kind]) - set(range(num_frames)))
-        if extra:
-            raise ShardFormatError(
-                f"{where}: {kind} members {extra} beyond {num_frames} frames", "frame_count_mismatch"
-            )
-    return {kind: [found[kind][t] for t in range(num_frames)] for kind in ("frame", *kinds)}
 
 
 def decode_sample(raw: dict[str, Any]) -> VideoSample:
@@ -423,7 +368,7 @@ def decode_sample(raw: dict[str, Any]) -> VideoSample:
         frame_names = [str(name) for name in meta["frame_names"]]
         video_id, source = str(meta["video_id"]), str(meta["source"])
         ground_truth, has_rles = bool(meta.get("ground_truth", True)), bool(meta.get("object_rles", False))
-        object_rles = _object_rles(raw, where) if has_rles else {}
+        object_rles = object_rles_member(raw, where) if has_rles else {}
     except (KeyError, TypeError, ValueError) as exn:
         raise ShardFormatError(f"{where}: malformed {META_KEY}: {exn!r}") from exn
     if num_frames < 1 or len(frame_names) != num_frames:
@@ -431,7 +376,7 @@ def decode_sample(raw: dict[str, Any]) -> VideoSample:
             f"{where}: num_frames is {num_frames} with {len(frame_names)} frame names", "frame_count_mismatch"
         )
     _check_annotations(where, objects, expressions)
-    members = _members(raw, where, num_frames, size != original_size and ground_truth, ground_truth)
+    members = sample_members(raw, where, num_frames, size != original_size and ground_truth, ground_truth)
     sample = VideoSample(
         video_id,
         objects,
@@ -453,13 +398,3 @@ def decode_sample(raw: dict[str, Any]) -> VideoSample:
     except (KeyError, TypeError) as exn:
         raise ShardFormatError(f"{where}: malformed {RLE_KEY}: {exn!r}") from exn
     return sample
-
-
-def _object_rles(raw: dict[str, Any], where: str) -> dict[int, list[dict[str, Any] | None]]:
-    """The ``rle.json`` member meta says the sample has."""
-    if RLE_KEY not in raw:
-        raise ShardFormatError(f"{where}: meta says objects overlap, no {RLE_KEY} member", "missing_mask")
-    try:
-        return {int(key): list(rles) for key, rles in json.loads(raw[RLE_KEY]).items()}
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError, AttributeError) as exn:
-        raise ShardFormatError(f"{where}: {RLE_KEY} is not a JSON object of RLE lists: {exn}") from exn
