@@ -154,7 +154,7 @@ class SegTokenVLM(nn.Module):
             log.info(
                 "rows of new tokens %s train in the input embedding and lm_head, %s",
                 self.trainable_token_ids,
-                "tied as the checkpoint ties them (one row each)" if tied else "each its own (untied)",
+                "tied as the checkpoint ties them: one row serves both" if tied else "untied: a row each",
             )
         return tags
 
