@@ -74,6 +74,8 @@ class HostTensorCheck(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if not self.host and func not in FACTORIES and func not in ALWAYS_HOST:
+            return func(*args, **kwargs)  # no host tensor alive: nothing to check, nothing to tag
         tensors = [value for value in tree_flatten((args, kwargs))[0] if isinstance(value, torch.Tensor)]
         if func not in MOVES and func not in ALWAYS_HOST:
             self._check(func, tensors)

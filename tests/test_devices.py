@@ -1,9 +1,9 @@
-"""Device and dtype cleanliness of stage 2, checked on CPU.
+"""Device and dtype handling of stage 2, checked on CPU.
 
-A GPU is not always at hand, so two CPU checks stand in for it: tensors the package makes on the host are
+A GPU is not always at hand, so CPU checks stand in for it: tensors the package makes on the host are
 tagged and may not meet the module's tensors (tests/device_check.py), through a training step, validation
-with QA turns, test and predict; and a run in ``bf16-mixed`` holds its frozen weights in bf16 and its
-trained ones in fp32, trains, validates and predicts without a dtype error.
+with QA turns (what ``desa2va eval`` runs too) and predict; and a GPU run's config holds its frozen weights
+in bf16 and its trained ones in fp32.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from device_check import HostTensorCheck
-from torch.utils.data import DataLoader
 
 EXPRESSIONS = ["the red circle", "the blue square moving left"]
 QA = [("What colour is the circle?", "red")]
@@ -45,11 +44,10 @@ def test_stage_2_makes_no_tensor_off_the_module_device(
     stage = build_stage(cfg, model)
     batch = make_batch(model, EXPRESSIONS, num_frames=3, qa=QA)
     check = HostTensorCheck()
-    for name in ("training_step", "validation_step", "test_step"):
+    for name in ("training_step", "validation_step"):
         setattr(stage, name, checked(check, getattr(stage, name)))
     trainer, _ = fit_on_batch(stage, batch, 1, tmp_path, val_batch=batch)
-    scored = trainer.test(stage, DataLoader([batch], batch_size=None), verbose=False)[0]
-    assert "test/qa_accuracy" in scored  # the QA turn was scored
+    assert "val/qa_accuracy" in trainer.logged_metrics  # the QA turn was scored
     trainer.save_checkpoint(tmp_path / "stage2.ckpt")
     predictor = load_predictor(cfg, tmp_path / "stage2.ckpt")
     masks = checked(check, predictor.masks)(video_of(batch, 0), EXPRESSIONS[0])
