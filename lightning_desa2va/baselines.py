@@ -8,7 +8,7 @@ the expression when it beats this baseline, per expression type.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -35,15 +35,27 @@ def union_of_objects(instance_masks: Tensor) -> Tensor:
     return instance_masks > BACKGROUND_ID
 
 
+def union_and_truth(batch: Mapping[str, Any]) -> Iterator[tuple[Tensor, Tensor, list[str]]]:
+    """(union of objects, ground truth, expression types) to score: each clip at its video's own size where
+    the batch has the originals (evaluation batches: ``original_union_masks``), else the batch as it is."""
+    types = batch["expression_type"]
+    if "original_union_masks" not in batch:
+        yield union_of_objects(batch["instance_masks"]), batch["target_masks"], types
+        return
+    originals = zip(batch["original_union_masks"], batch["original_target_masks"], types, strict=True)
+    for union, target, kind in originals:
+        yield union[None], target[None], [kind]
+
+
 def union_baseline_scores(
     loader: Iterable[dict[str, Any]], device: torch.device | None = None
 ) -> dict[str, float]:
-    """J&F of the union-of-objects prediction over every batch of ``loader`` (on ``device``; in distributed
-    training every rank scores its share and the metric gathers them)."""
+    """J&F of the union-of-objects prediction over every batch of ``loader``, each clip at its video's own
+    size (on ``device``; in distributed training every rank scores its share and the metric gathers them)."""
     metric = JFMetric().to(device or torch.device("cpu"))
     for batch in loader:
-        union = union_of_objects(batch["instance_masks"]).to(metric.device)
-        metric.update(union, batch["target_masks"].to(metric.device), batch["expression_type"])
+        for union, target, types in union_and_truth(batch):
+            metric.update(union.to(metric.device), target.to(metric.device), types)
     return metric.compute()
 
 

@@ -99,7 +99,10 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        validating_next = trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+        loop = trainer.fit_loop.epoch_loop
+        if loop._should_accumulate():  # gradients of a partial accumulation are in no checkpoint: wait
+            return
+        validating_next = loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
         if trainer.strategy.reduce_boolean_decision(STOP.signum is not None, all=False):
             if validating_next:
                 self._stop_in_validation = True

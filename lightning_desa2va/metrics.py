@@ -354,7 +354,7 @@ class PerTypeMean(torchmetrics.Metric):
         if values.shape != (len(expression_types),):
             raise ValueError(f"{tuple(values.shape)} values for {len(expression_types)} expression types")
         types = type_index(expression_types, self.total.device)
-        self.total.index_add_(0, types, values.detach().to(self.total.dtype))
+        self.total.index_add_(0, types, values.detach().to(self.total))  # the state's device and dtype
         self.count.index_add_(0, types, torch.ones_like(self.count[types]))
 
     def compute(self) -> dict[str, float]:

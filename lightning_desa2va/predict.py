@@ -2,10 +2,11 @@
 
 The video is a folder of frames (``.jpg``/``.png``, in name order) or a video file (read with PyAV). The
 frames go through the same encoder as evaluation (resized and normalised for SAM-2 and the VLM), the model
-infers under the configured protocol (``eval=sa2va`` unless overridden: key frames to the VLM, SAM-2's
-memory through the rest), and the mask logits are upsampled back to the video's own size. Written: one
-PNG mask per frame (``mask_00000.png`` ..., 255 on the object) and an overlay of the masks on the frames
-(GIF or MP4).
+infers under the configured protocol (the experiment's, or ``eval=sa2va`` where that would be ``per_frame``:
+key frames to the VLM, SAM-2's memory through the rest) on the trainer config's accelerator and precision,
+and the mask logits are upsampled back to the video's own size. Written: one PNG mask per frame
+(``mask_00000.png`` ..., 255 on the object) and an overlay of the masks on the frames (GIF or MP4). The
+checkpoint may be a stage-2 Lightning checkpoint or a ``desa2va export`` folder.
 """
 
 from __future__ import annotations
@@ -17,15 +18,19 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
+from lightning.fabric import Fabric
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 from torch.nn import functional as F
 from tqdm import tqdm
 
 from lightning_desa2va.build import build_components
+from lightning_desa2va.config import compose_config
+from lightning_desa2va.data.clips import ClipEncoder
 from lightning_desa2va.errors import CheckpointError, ExpressionError, VideoError
 from lightning_desa2va.runs import read_record, run_dir_of_checkpoint
-from lightning_desa2va.stages.checkpoints import apply_model_weights, read_model_weights
+from lightning_desa2va.stages.base import SegmentationStage
+from lightning_desa2va.stages.checkpoints import apply_model_weights, export_overrides, read_model_weights
 from lightning_desa2va.visualize import tint_prediction
 
 log = logging.getLogger(__name__)
@@ -34,8 +39,12 @@ FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
 MASK_NAME = "mask_{:05d}.png"
 OVERLAY_NAME = "overlay.{}"
 OVERLAY_FORMATS = ("gif", "mp4")
-PREDICT_DEFAULTS = ["stage=decoupled_finetune", "eval=sa2va"]
-"""Overrides before the user's: predict runs a stage-2 model, inferring as Sa2VA does unless told."""
+PREDICT_STAGE = ["stage=decoupled_finetune"]
+PER_FRAME = "per_frame"
+EVAL_OVERRIDE = "eval="
+PREDICT_EVAL = "eval=sa2va"
+"""The protocol predict runs where the config's would give the VLM every frame."""
+DEFAULT_PRECISION = "32-true"
 MP4_CODEC = "libx264"
 MP4_PIXEL_FORMAT = "yuv420p"  # what players read; it needs even frame sides
 MASK_ON = 255
@@ -98,29 +107,63 @@ def check_stage(cfg: DictConfig, checkpoint: Path) -> None:
         raise CheckpointError(f"{checkpoint} is a checkpoint of stage {trained}, not of {stage} (stage 2)")
 
 
-def predict_masks(cfg: DictConfig, frames: np.ndarray, expression: str, checkpoint: Path) -> np.ndarray:
-    """Masks [T, H, W] bool of ``expression`` on ``frames`` [T, H, W, 3] by the stage-2 model of
-    ``checkpoint`` under the configured inference protocol."""
+def predict_config(overrides: list[str], checkpoint: Path, experiments_dir: Path | None = None) -> DictConfig:
+    """The config ``desa2va predict`` (and ``submit``) runs: stage 2, an export folder's own overrides, the
+    user's; inferring as the config says, or as Sa2VA does (``eval=sa2va``) where it would decode every
+    frame with the VLM (``eval=per_frame``, the default's), which a long video does not fit."""
+    chosen = [*PREDICT_STAGE, *export_overrides(checkpoint), *overrides]
+    cfg = compose_config(chosen, experiments_dir)
+    if cfg.run.choices.get("eval") == PER_FRAME and not any(o.startswith(EVAL_OVERRIDE) for o in overrides):
+        cfg = compose_config([*chosen, PREDICT_EVAL], experiments_dir)
+    return cfg
+
+
+@dataclass
+class Predictor:
+    """A stage-2 model on the trainer config's accelerator, in its precision, ready for videos."""
+
+    stage: SegmentationStage
+    encoder: ClipEncoder
+    fabric: Fabric
+    chunk_frames: int | None
+
+    def masks(self, frames: np.ndarray, expression: str) -> np.ndarray:
+        """Masks [T, H, W] bool of ``expression`` on ``frames`` [T, H, W, 3] under the configured protocol.
+
+        Frames are resized for the models and the masks back to the video's size ``chunk_frames`` at a time,
+        so the video is never held as float at its own size."""
+        step = self.chunk_frames or len(frames)
+        starts = range(0, len(frames), step)
+        inputs = [self.encoder.model_inputs(frames[start : start + step]) for start in starts]
+        input_ids = self.encoder.chat.segmentation(expression, len(frames), []).input_ids
+        batch = {
+            "frames": torch.cat([sam for sam, _ in inputs])[None],
+            "vlm_pixels": torch.cat([vlm for _, vlm in inputs])[None],
+            "input_ids": input_ids[None],
+            "attention_mask": torch.ones_like(input_ids)[None],
+        }
+        with torch.no_grad(), self.fabric.autocast():
+            logits = self.stage.predict_logits(self.fabric.to_device(batch))[0]
+            size = frames.shape[1:3]
+            chunks = [
+                F.interpolate(logits[None, start : start + step].float(), size=size, mode="bilinear")[0] > 0
+                for start in starts
+            ]
+        return np.concatenate([chunk.cpu().numpy() for chunk in chunks])
+
+
+def load_predictor(cfg: DictConfig, checkpoint: Path) -> Predictor:
+    """Build the configured stage-2 model from ``checkpoint`` (a stage-2 checkpoint or an export folder)
+    on one device of ``trainer.accelerator`` in ``trainer.precision``."""
     check_stage(cfg, checkpoint)
     weights = read_model_weights(checkpoint)  # a wrong file fails before the model is built
     parts = build_components(cfg)
-    apply_model_weights(parts.model, weights, checkpoint, complete=True)
-    stage = parts.stage.eval()
-    encoder = parts.datamodule.eval_encoder
-    sam_frames, vlm_pixels = encoder.model_inputs(frames)
-    input_ids = encoder.chat.segmentation(expression, len(frames), []).input_ids
-    batch = {
-        "frames": sam_frames[None],
-        "vlm_pixels": vlm_pixels[None],
-        "input_ids": input_ids[None],
-        "attention_mask": torch.ones_like(input_ids)[None],
-    }
-    log.info("inferring %d frames under eval=%s", len(frames), cfg.run.choices.get("eval"))
-    with torch.no_grad():
-        logits = stage.predict_logits(batch)
-        size = frames.shape[1:3]
-        upsampled = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
-    return (upsampled[0] > 0).numpy()
+    apply_model_weights(parts.model, weights, complete=True)
+    precision = cfg.trainer.get("precision", DEFAULT_PRECISION)
+    fabric = Fabric(accelerator=cfg.trainer.accelerator, devices=1, precision=precision)
+    stage = fabric.setup_module(parts.stage).module.eval()
+    log.info("inferring under eval=%s on %s in %s", cfg.run.choices.get("eval"), fabric.device, precision)
+    return Predictor(stage, parts.datamodule.eval_encoder, fabric, stage.inference.chunk_frames)
 
 
 def write_prediction(video: Video, masks: np.ndarray, out_dir: Path, overlay: str) -> Prediction:
@@ -171,5 +214,5 @@ def predict(
     if overlay not in OVERLAY_FORMATS:
         raise ValueError(f"overlay must be one of {OVERLAY_FORMATS}, got {overlay!r}")
     video = read_video(video_path, fps)
-    masks = predict_masks(cfg, video.frames, expression.strip(), checkpoint)
+    masks = load_predictor(cfg, checkpoint).masks(video.frames, expression.strip())
     return write_prediction(video, masks, out_dir, overlay)

@@ -85,8 +85,18 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def write_internvl_hf(folder: Path, hidden_size: int = 32, image_size: int = 64, patch_size: int = 8) -> Path:
-    """A tiny random ``InternVLForConditionalGeneration`` with its processor, saved as ``-hf`` folders are."""
+def write_internvl_hf(
+    folder: Path,
+    hidden_size: int = 32,
+    image_size: int = 64,
+    patch_size: int = 8,
+    vision: dict | None = None,
+    text: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """A random ``InternVLForConditionalGeneration`` with its processor, saved as ``-hf`` folders are: tiny,
+    or shaped by ``vision`` / ``text`` (``InternVLVisionConfig`` / ``Qwen2Config`` fields, e.g. a real
+    model's), saved in ``dtype``."""
     tokenizer = tiny_tokenizer()
     downsample_ratio = 0.5
     image_tokens = int((image_size // patch_size) ** 2 * downsample_ratio**2)
@@ -97,30 +107,31 @@ def write_internvl_hf(folder: Path, hidden_size: int = 32, image_size: int = 64,
         image_seq_length=image_tokens,
         chat_template=CHATML_TEMPLATE,
     )
+    vision_config = {
+        "hidden_size": hidden_size,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 2 * hidden_size,
+        **(vision or {}),
+    }
+    text_config = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden_size,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "intermediate_size": 2 * hidden_size,
+        "max_position_embeddings": 512,
+        **(text or {}),
+    }
     config = InternVLConfig(
-        vision_config=InternVLVisionConfig(
-            hidden_size=hidden_size,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=2 * hidden_size,
-            image_size=image_size,
-            patch_size=patch_size,
-        ),
-        text_config=Qwen2Config(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden_size,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            intermediate_size=2 * hidden_size,
-            max_position_embeddings=512,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
+        vision_config=InternVLVisionConfig(**vision_config, image_size=image_size, patch_size=patch_size),
+        text_config=Qwen2Config(**text_config, pad_token_id=tokenizer.pad_token_id),
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKENS["context_image_token"]),
         image_seq_length=image_tokens,
         downsample_ratio=downsample_ratio,
     )
-    InternVLForConditionalGeneration(config).save_pretrained(folder)
+    InternVLForConditionalGeneration(config).to(dtype).save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
 

@@ -7,9 +7,11 @@ one line.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText
@@ -83,17 +85,26 @@ def test_the_finetuned_internvl_hf_model_predicts_a_video_under_sa2va(finetuned,
     assert len(list((tmp_path / "out").glob("mask_*.png"))) == PREDICT_FRAMES
 
 
-def test_only_the_seg_embedding_row_and_lora_train(finetuned, real_weights):
-    cfg, _, _, state = finetuned
+def test_only_the_seg_rows_and_lora_train_and_the_checkpoint_keeps_them_alone(finetuned, real_weights):
+    """The checkpoint holds LoRA and the [SEG] row, not the frozen folder weights; rebuilt from the folder
+    it gives every pretrained row untouched and [SEG]'s trained row, in the input embedding and, tied as the
+    folder ties them, in lm_head."""
+    from lightning_desa2va.predict import load_predictor
+
+    cfg, run, _, state = finetuned
     seg_id = load_pretrained_tokenizer(str(real_weights.vlm_folder)).convert_tokens_to_ids(SEG_TOKEN)
     pretrained = AutoModelForImageTextToText.from_pretrained(real_weights.vlm_folder, local_files_only=True)
     saved = pretrained.get_input_embeddings().weight.detach()
     assert seg_id == saved.shape[0]  # [SEG] is new to the checkpoint: its row was added
-    base = state[f"{EMBEDDING}.token_adapter.base_layer.weight"]  # frozen: the rows as loaded and resized
+    assert not any("base_layer" in key or key.endswith("embed_tokens.weight") for key in state)
     delta = state[f"{EMBEDDING}.token_adapter.trainable_tokens_delta.default"]  # the [SEG] row, trained
-    assert delta.shape == (1, base.shape[1])
-    assert not torch.allclose(delta[0], base[seg_id])  # the [SEG] row moved
-    assert torch.equal(base[:seg_id], saved)  # every pretrained row is untouched
+    assert delta.shape == (1, saved.shape[1])
+    vlm = load_predictor(cfg, run.checkpoint).stage.model.vlm.model
+    embedding, head = vlm.get_input_embeddings(), vlm.get_output_embeddings()
+    assert not torch.allclose(delta[0], embedding.token_adapter.trainable_tokens_original["default"][0])
+    assert torch.equal(embedding.weight[:seg_id], saved)  # every pretrained row is untouched
+    assert torch.equal(embedding.weight[seg_id], delta[0])
+    assert torch.equal(head.weight[seg_id], delta[0])  # tied: the [SEG] it predicts is the one it reads
     lora_b = [value for key, value in state.items() if "lora_B" in key]
     assert lora_b and all(value.abs().sum() > 0 for value in lora_b)  # LoRA B starts at 0: it trained
 
@@ -124,10 +135,53 @@ def test_real_recipes_compose_sa2va_values_and_stage_two_lora(experiment, folder
         assert (cfg.trainer.accelerator, cfg.trainer.precision) == ("gpu", "bf16-mixed")
         assert cfg.stage.optimizer.lr == pytest.approx(4e-5)
         assert cfg.data.num_frames == (2 if cfg is text else 5)  # stage 1 reads 2 frames, as in the default
+        assert cfg.loss.mask.num_points == 12544 and cfg.model.vlm.gradient_checkpointing
+        assert cfg.run.choices.eval == "sa2va_i"  # tracking by the official SAM-2's mask decoder
+        assert cfg.eval.foundation_sam2.checkpoint == cfg.model.sam2.checkpoint
+        assert cfg.run.choices.motion_prompt == "none" and cfg.loss.w_stated_motion == cfg.stage.w_motion == 0
+        assert not cfg.logger.log_model
+        # validation (counts batches) and checkpoints (count optimizer steps) fall on the same steps
+        accumulate, every = cfg.trainer.accumulate_grad_batches, cfg.trainer.callbacks[0].every_n_train_steps
+        assert cfg.trainer.val_check_interval == accumulate * every and cfg.trainer.max_steps % every == 0
     assert "lora" not in text.stage
     assert (finetune.stage.lora.r, finetune.stage.lora.lora_alpha) == (128, 256)
     moved = compose_config([f"experiment={experiment}", "paths.weights_dir=/data/w"], EXPERIMENTS_DIR)
     assert moved.model.vlm.path == f"/data/w/{folder}"
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(real_weights):
+    """Layers recompute their activations in the backward pass; LoRA and [SEG] get the same gradients."""
+    from peft import LoraConfig
+
+    from lightning_desa2va.models.vlm import load_pretrained_vlm
+
+    tokenizer = load_pretrained_tokenizer(str(real_weights.vlm_folder))
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        vlm = load_pretrained_vlm(
+            str(real_weights.vlm_folder), tokenizer, [SEG_TOKEN], "float32", checkpointing
+        )
+        vlm.requires_grad_(False)
+        lora = LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"
+        )
+        tags = vlm.adapt(lora)
+        for name, parameter in vlm.named_parameters():
+            parameter.requires_grad_(any(tag in name for tag in tags))
+        vlm.train()
+        assert vlm.model.is_activation_checkpointing == checkpointing
+        chat = ChatEncoder(tokenizer, ChatTemplates(), vlm.image_tokens).segmentation("the red square", 2, [])
+        pixels = torch.randn(2, 3, vlm.image_size, vlm.image_size, generator=torch.Generator().manual_seed(1))
+        out = vlm(chat.input_ids[None], torch.ones_like(chat.input_ids)[None], pixels, chat.labels[None])
+        (out.lm_loss + out.seg_hidden.square().mean()).backward()
+        grads = {name: p.grad.clone() for name, p in vlm.named_parameters() if p.requires_grad}
+        results.append((out.lm_loss.detach(), grads))
+    (loss, grads), (checkpointed_loss, checkpointed_grads) = results
+    assert torch.allclose(loss, checkpointed_loss) and grads.keys() == checkpointed_grads.keys()
+    assert any("trainable_tokens_delta" in name for name in grads)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, checkpointed_grads[name], atol=1e-6), name
 
 
 def test_missing_vlm_folder_is_one_line(real_weights, capsys):
@@ -208,7 +262,85 @@ def test_qwen2_5_vl_folder_trains_stage_two_with_its_vision_tokens(real_weights,
         run = train_stage(cfg)
     assert 0.0 <= run.metrics["JF"] <= 1.0
     state = torch.load(run.checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-    base = state[f"{EMBEDDING}.token_adapter.base_layer.weight"]
     delta = state[f"{EMBEDDING}.token_adapter.trainable_tokens_delta.default"]
-    assert not torch.allclose(delta[0], base[-1])  # [SEG], the last row, moved
+    assert delta.shape == (1, 32) and delta.abs().sum() > 0  # the [SEG] row is kept
     assert all(value.abs().sum() > 0 for key, value in state.items() if "lora_B" in key)
+
+
+def test_export_is_a_hugging_face_folder_that_predict_and_eval_read_with_the_checkpoints_masks(
+    finetuned, tmp_path, capsys
+):
+    """LoRA and [SEG] merged into a transformers folder; predict on it gives the checkpoint's masks, eval its
+    scores, and every part holds as many parameters as the base model."""
+    from lightning_desa2va.data.synthetic import SyntheticConfig, render_video
+    from lightning_desa2va.predict import load_predictor, predict_config
+
+    cfg, run, scores, _ = finetuned
+    out = tmp_path / "export"
+    data_dir = run.output_dir.parents[3] / cfg.paths.data_dir  # <root>/outputs/<experiment>/<stage>/<run>
+    overrides = [*cfg.run.overrides, f"paths.data_dir={data_dir}"]
+    main(
+        [
+            "--experiments-dir",
+            str(EXPERIMENTS_DIR),
+            "export",
+            str(run.checkpoint),
+            "--out",
+            str(out),
+            *overrides,
+        ]
+    )
+    printed = capsys.readouterr().out
+    manifest = json.loads((out / "desa2va.json").read_text())
+    assert [(size["exported"], size["base"]) for size in manifest["sizes"]] == [
+        (size["base"], size["base"]) for size in manifest["sizes"]
+    ]
+    assert "VLM" in printed and "SAM-2" in printed
+    exported = AutoModelForImageTextToText.from_pretrained(
+        out, local_files_only=True
+    )  # transformers reads it
+    seg_id = load_pretrained_tokenizer(str(out)).convert_tokens_to_ids(SEG_TOKEN)
+    assert seg_id == exported.get_input_embeddings().num_embeddings - 1  # [SEG] is in the saved tokenizer
+    assert manifest["scores"]["val/JF"] == pytest.approx(run.metrics["JF"])
+    assert "base_model: InternVL3-tiny-hf" in (out / "README.md").read_text()
+
+    video = render_video(SyntheticConfig(image_size=PREDICT_VIDEO_SIZE, num_frames=PREDICT_FRAMES), 1, "clip")
+    expression = video.sample.expressions[0].text
+    from_checkpoint = load_predictor(
+        predict_config(overrides, run.checkpoint, EXPERIMENTS_DIR), run.checkpoint
+    )
+    from_export = load_predictor(predict_config([f"paths.data_dir={data_dir}"], out, EXPERIMENTS_DIR), out)
+    assert "lora_" not in str(dict(from_export.stage.model.named_parameters()).keys())
+    np.testing.assert_array_equal(
+        from_export.masks(video.frames, expression), from_checkpoint.masks(video.frames, expression)
+    )
+    export_cfg = predict_config([f"paths.data_dir={data_dir}", "eval=per_frame"], out, EXPERIMENTS_DIR)
+    export_scores, _ = evaluate_checkpoint(export_cfg, out, "val")
+    assert export_scores["JF"] == pytest.approx(scores["JF"], abs=1e-6)
+
+
+def test_predict_or_eval_of_a_checkpoint_under_another_model_is_one_line_naming_the_overrides_that_fit(
+    finetuned, real_weights, tmp_path, capsys
+):
+    """The InternVL-hf checkpoint under the tiny default (no model overrides) and under Qwen2.5-VL's."""
+    from PIL import Image
+
+    _, run, _, _ = finetuned
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    Image.new("RGB", (32, 32)).save(frames / "000.png")
+    predict = [
+        "predict",
+        "--video",
+        str(frames),
+        "--expression",
+        "the red circle",
+        "--ckpt",
+        str(run.checkpoint),
+    ]
+    for command in (predict, [*predict, *real_weights.qwen_overrides], ["eval", str(run.checkpoint)]):
+        with pytest.raises(SystemExit):
+            main(["--experiments-dir", str(EXPERIMENTS_DIR), *command, "stage=decoupled_finetune"])
+        line = _error_line(capsys)
+        assert line.startswith(f"desa2va: error: {run.checkpoint} does not fit the configured model: "), line
+        assert "model=internvl_hf" in line and f"model.folder={real_weights.vlm_folder}" in line

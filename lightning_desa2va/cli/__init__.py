@@ -11,7 +11,7 @@ from pathlib import Path
 
 from hydra.errors import HydraException, InstantiationException
 
-from lightning_desa2va.cli import predict, pretrain, runs, services, shards, sweep
+from lightning_desa2va.cli import export, predict, pretrain, runs, services, shards, submit, sweep
 from lightning_desa2va.cli.help import EXAMPLES, HelpFormatter
 from lightning_desa2va.config import ConfigError
 from lightning_desa2va.console import quiet_third_party_output
@@ -29,7 +29,7 @@ from lightning_desa2va.errors import (
 from lightning_desa2va.signals import STOP_SIGNALS, stop_at_once
 
 LIGHTNING_LOGGER = "lightning"
-COMMAND_MODULES = (runs, predict, pretrain, shards, sweep, services)
+COMMAND_MODULES = (runs, predict, export, submit, pretrain, shards, sweep, services)
 """Modules with a ``register(commands)`` function, in the order ``--help`` lists their subcommands."""
 
 USER_ERRORS = (

@@ -13,10 +13,13 @@ EXAMPLES = """examples:
   desa2va train stage=text_pretrain decoupler=orthogonal
   desa2va eval outputs/.../checkpoints/last.ckpt stage=decoupled_finetune eval=sa2va --split test
   desa2va predict --video clip.mp4 --expression "the red circle" --ckpt outputs/.../last.ckpt
+  desa2va export outputs/.../last.ckpt --out exports/desa2va   a Hugging Face folder, LoRA merged
+  desa2va submit --ckpt exports/desa2va --data data/mevis --split valid --out submissions/mevis
   desa2va pretrain-tiny --out outputs/foundations/tiny
   desa2va sweep sweeps/ablate_decoupler.yaml --profile quick
   desa2va shards synthetic --out data/shapes --videos 480
   desa2va shards build --format mevis --root data/raw/mevis --split valid_u --as val --out data/mevis
+  desa2va shards masks data/mevis --split val --out gt/mevis_val
 
 Every subcommand's --help lists its options and the config groups with their variants."""
 

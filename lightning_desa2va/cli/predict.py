@@ -7,7 +7,6 @@ import argparse
 from pathlib import Path
 
 from lightning_desa2va.cli.help import add_command
-from lightning_desa2va.config import compose_config
 
 DEFAULT_OUT = Path("predictions")
 DEFAULT_FPS = 10.0
@@ -17,7 +16,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     predict = add_command(
         commands,
         "predict",
-        "segment an expression on a video with a stage-2 checkpoint (eval=sa2va): PNG masks + overlay",
+        "segment an expression on a video with a stage-2 checkpoint or export: PNG masks + overlay",
         'desa2va predict --video clip.mp4 --expression "the red circle" --ckpt outputs/.../last.ckpt '
         "experiment=desa2va_tiny",
         takes_overrides=True,
@@ -26,7 +25,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--video", type=Path, required=True, help="a folder of .jpg/.png frames or a video file"
     )
     predict.add_argument("--expression", required=True, help="what to segment, e.g. 'the red circle'")
-    predict.add_argument("--ckpt", type=Path, required=True, help="a stage-2 (decoupled_finetune) checkpoint")
+    predict.add_argument(
+        "--ckpt", type=Path, required=True, help="a stage-2 (decoupled_finetune) checkpoint or export folder"
+    )
     predict.add_argument(
         "--out", type=Path, default=None, help=f"output folder (default {DEFAULT_OUT}/<video>)"
     )
@@ -38,9 +39,9 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from lightning_desa2va.predict import PREDICT_DEFAULTS, predict
+    from lightning_desa2va.predict import predict, predict_config
 
-    cfg = compose_config([*PREDICT_DEFAULTS, *args.overrides], args.experiments_dir)
+    cfg = predict_config(args.overrides, args.ckpt, args.experiments_dir)
     out_dir = args.out or DEFAULT_OUT / args.video.stem
     result = predict(cfg, args.video, args.expression, args.ckpt, out_dir, args.overlay, args.fps)
     print(f"{len(result.mask_paths)} masks in {out_dir}, overlay {result.overlay}")

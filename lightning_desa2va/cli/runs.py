@@ -65,8 +65,10 @@ def _evaluate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from lightning_desa2va.pipeline import evaluate_checkpoint
+    from lightning_desa2va.stages.checkpoints import export_overrides
 
-    cfg = compose_config(args.overrides, args.experiments_dir)
+    # an export folder brings the overrides that build its model
+    cfg = compose_config([*export_overrides(Path(args.checkpoint)), *args.overrides], args.experiments_dir)
     scores, baseline = evaluate_checkpoint(cfg, Path(args.checkpoint), args.split)
     print_summary(f"{args.checkpoint} on {args.split}", {"model": scores, UNION: baseline})
 

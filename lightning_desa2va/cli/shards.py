@@ -1,5 +1,5 @@
 """``desa2va shards``: write WebDataset shards (the synthetic benchmark, or a dataset converted from the
-layout it ships in)."""
+layout it ships in), and write a converted split's ground truth back out in the benchmarks' layout."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ SPLIT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 BUILD_EXAMPLE = (
     "desa2va shards build --format mevis --root data/raw/mevis --split valid_u --as val --out data/mevis"
 )
+MASKS_EXAMPLE = "desa2va shards masks data/mevis --split val --out gt/mevis_val"
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -20,7 +21,10 @@ def register(commands: argparse._SubParsersAction) -> None:
         "shards",
         help="write WebDataset shards of the sample schema",
         description="Write WebDataset shards of the sample schema.",
-        epilog=(f"examples:\n  desa2va shards synthetic --out data/shapes --videos 480\n  {BUILD_EXAMPLE}"),
+        epilog=(
+            f"examples:\n  desa2va shards synthetic --out data/shapes --videos 480\n  {BUILD_EXAMPLE}\n"
+            f"  {MASKS_EXAMPLE}"
+        ),
         formatter_class=HelpFormatter,
     )
     sources = shards.add_subparsers(required=True, metavar="SOURCE", title="sources")
@@ -55,6 +59,20 @@ def register(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--refs", default=None, help="RefCOCO: the refs file when the root has several")
     build.add_argument("--images", type=Path, default=None, help="RefCOCO: the COCO train2014 image folder")
     build.set_defaults(run=_shards_build)
+
+    masks = sources.add_parser(
+        "masks",
+        help="a converted split's ground truth as <out>/<video>/<expression id>/<frame>.png",
+        description="Write each expression's ground-truth target mask per frame of a converted split, at the "
+        "video's own size (255 on the target), named by the dataset's own ids: the layout benchmark servers "
+        "take, so a conversion can be checked against its source.",
+        epilog=f"example:\n  {MASKS_EXAMPLE}",
+        formatter_class=HelpFormatter,
+    )
+    masks.add_argument("data_dir", type=Path, help="a folder of converted shards (with manifest.json)")
+    masks.add_argument("--split", required=True, help="the split to write (train, val, test, ...)")
+    masks.add_argument("--out", type=Path, required=True, help="folder to write the masks under")
+    masks.set_defaults(run=_shards_masks)
 
 
 def _positive(text: str) -> int:
@@ -92,4 +110,13 @@ def _shards_build(args: argparse.Namespace) -> None:
     rows |= {f"skipped: {reason}": count for reason, count in report.skipped.items() if count}
     rows["overlapping mask pixels"] = report.overlapping_pixels
     written = f"{args.out}/{report.split}-*.tar ({len(report.shards)} shards)"
+    if not report.ground_truth:
+        written += ", no ground truth (a split published without masks: for desa2va submit)"
     print_counts(f"{args.format} {args.split} -> {written}", rows)
+
+
+def _shards_masks(args: argparse.Namespace) -> None:
+    from lightning_desa2va.data.layout import write_ground_truth
+
+    written = write_ground_truth(args.data_dir, args.split, args.out)
+    print(f"ground truth of {written} expressions of {args.data_dir} {args.split} in {args.out}")

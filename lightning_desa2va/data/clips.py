@@ -29,8 +29,9 @@ shorter than T (an image) gives its frames evenly repeated up to T."""
 
 STACKED_KEYS = ("frames", "vlm_pixels", "target_masks", "instance_masks", "stated_motion")
 LIST_KEYS = ("expression", "expression_type", "video_id", "has_caption", "qa_questions")
-ORIGINAL_KEYS = ("original_target_masks", "original_size")
-"""Evaluation only: per clip, bool [T, H0, W0] ground truth at the source's size and (H0, W0)."""
+ORIGINAL_KEYS = ("original_target_masks", "original_union_masks", "original_size")
+"""Evaluation only: per clip, bool [T, H0, W0] ground truth and union of every object at the source's size,
+and (H0, W0)."""
 
 
 def frame_indices(
@@ -88,6 +89,15 @@ def stated_motion(expression: Expression) -> Tensor:
     return torch.tensor([*direction, 1.0])
 
 
+def original_target(video: VideoSample, object_ids: list[int], index: list[int], ids: np.ndarray) -> Tensor:
+    """Where any of ``object_ids`` is [T, H0, W0] bool, on frames ``index`` at the video's own size: from the
+    objects' own masks where they overlap, else from the id maps (``ids``: the frames' stored ones)."""
+    if video.object_rles:
+        return torch.from_numpy(np.stack([video.target_mask(i, object_ids, original=True) for i in index]))
+    originals = np.stack([video.original_mask(i) for i in index]) if video.resized else ids
+    return torch.from_numpy(np.isin(originals, object_ids))
+
+
 class ClipEncoder:
     """One video and one of its expressions → the tensors of one sample.
 
@@ -132,6 +142,10 @@ class ClipEncoder:
         frames, vlm_pixels = self.model_inputs(np.stack([video.frame(i, self.decode_size) for i in index]))
         ids = np.stack([video.mask(i) for i in index])
         instances = torch.from_numpy(resize_ids(ids, self.sam_image_size).astype(np.int64))
+        target = targets(instances, expression.object_ids)
+        if video.object_rles:  # objects overlap: the union of the objects' own masks, not of the id map's
+            own = np.stack([video.target_mask(i, expression.object_ids) for i in index])
+            target = torch.from_numpy(resize_ids(own, self.sam_image_size))
         chat = self.chat.segmentation(expression.text, len(index), video.qa)
         label_chat = self.chat.label_prompt(expression.label or expression.text)
         expression_chat = self.chat.label_prompt(expression.text)
@@ -141,7 +155,7 @@ class ClipEncoder:
         sample = {
             "frames": frames,
             "vlm_pixels": vlm_pixels,
-            "target_masks": targets(instances, expression.object_ids),
+            "target_masks": target,
             "instance_masks": instances,
             "input_ids": chat.input_ids,
             "labels": chat.labels,
@@ -161,8 +175,9 @@ class ClipEncoder:
             "video_id": video.video_id,
         }
         if self.evaluation:
-            originals = np.stack([video.original_mask(i) for i in index]) if video.resized else ids
-            sample["original_target_masks"] = torch.from_numpy(np.isin(originals, expression.object_ids))
+            every_object = [track.id for track in video.objects]
+            for key, object_ids in (("target", expression.object_ids), ("union", every_object)):
+                sample[f"original_{key}_masks"] = original_target(video, object_ids, index, ids)
             sample["original_size"] = video.original_size
         return sample
 

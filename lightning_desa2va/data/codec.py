@@ -1,11 +1,16 @@
-"""How frames and masks are encoded in shards (JPEG; 16-bit greyscale PNG) and decoded one at a time."""
+"""How frames and masks are encoded in shards (JPEG; 16-bit greyscale PNG; COCO RLE per object) and decoded
+one at a time, and how a raw sample's members are sorted out (the layout is schema.py's)."""
 
 from __future__ import annotations
 
 import io
+import json
+import re
+from typing import Any
 
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from lightning_desa2va.data.errors import ShardFormatError
 
@@ -24,6 +29,11 @@ MAX_OBJECT_ID = 65535
 
 MASK_MODES = ("I;16", "I", "L")
 """PIL modes a mask PNG may decode to (16-bit greyscale; ``I``/``L`` from other writers)."""
+
+MEMBER_RE = re.compile(r"^(frame|mask|original_mask)_(\d+)\.(jpg|png)$")
+"""Names of a sample's frame and mask members (schema.py: ``frame_000.jpg``, ``mask_000.png``, ...)."""
+RLE_KEY = "rle.json"
+"""The member holding each object's own masks where objects overlap."""
 
 
 def encode_jpeg(frame: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
@@ -86,3 +96,101 @@ def decode_mask(data: bytes, size: tuple[int, int], where: str, key: str) -> np.
     if ids.shape != size:
         raise _mismatch(where, key, ids.shape, size)
     return ids.astype(np.uint16, copy=False)
+
+
+def centre_indices(source: int, target: int) -> np.ndarray:
+    """Source rows (or columns) under the centres of ``target`` resized pixels (how image resizing maps
+    pixels, so masks resized this way stay aligned with the resized frames)."""
+    return np.minimum(((np.arange(target) + 0.5) * source / target).astype(np.int64), source - 1)
+
+
+def encode_rle(mask: np.ndarray) -> dict[str, Any] | None:
+    """A binary HxW mask as compressed COCO RLE with str counts (JSON-able), ``None`` when empty."""
+    if not mask.any():
+        return None
+    encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(side) for side in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
+
+
+def decode_rle(rle: dict[str, Any] | None, size: tuple[int, int]) -> np.ndarray:
+    """A mask of :func:`encode_rle` (``None``: empty) as an HxW bool array."""
+    if rle is None:
+        return np.zeros(size, dtype=bool)
+    return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")}).astype(bool)
+
+
+def sample_members(
+    raw: dict[str, Any], where: str, num_frames: int, resized: bool, masks: bool
+) -> dict[str, list[bytes]]:
+    """A raw sample's frame and mask members by kind, checked against the frame count (reasons as the skip
+    counts say); ``resized``: original-size masks too, ``masks``: any mask at all (ground truth)."""
+    found: dict[str, dict[int, bytes]] = {"frame": {}, "mask": {}, "original_mask": {}}
+    for name, value in raw.items():
+        match = MEMBER_RE.match(name)
+        if match:
+            found[match.group(1)][int(match.group(2))] = value
+    frames = found["frame"]
+    if sorted(frames) != list(range(num_frames)):
+        raise ShardFormatError(
+            f"{where}: meta says {num_frames} frames, the sample has frames {sorted(frames)}",
+            "frame_count_mismatch",
+        )
+    kinds = ("mask", "original_mask") if resized else ("mask",) if masks else ()
+    for kind in kinds:
+        missing = [t for t in range(num_frames) if t not in found[kind]]
+        if missing:
+            raise ShardFormatError(f"{where}: no {kind} member for frames {missing}", "missing_mask")
+        extra = sorted(set(found[kind]) - set(range(num_frames)))
+        if extra:
+            raise ShardFormatError(
+                f"{where}: {kind} members {extra} beyond {num_frames} frames", "frame_count_mismatch"
+            )
+    return {kind: [found[kind][t] for t in range(num_frames)] for kind in ("frame", *kinds)}
+
+
+def object_rles_member(raw: dict[str, Any], where: str) -> dict[int, list[dict[str, Any] | None]]:
+    """Each object's own masks (COCO RLE per frame) from a raw sample's ``rle.json`` member."""
+    if RLE_KEY not in raw:
+        raise ShardFormatError(f"{where}: meta says objects overlap, no {RLE_KEY} member", "missing_mask")
+    try:
+        return {int(key): list(rles) for key, rles in json.loads(raw[RLE_KEY]).items()}
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError, AttributeError) as exn:
+        raise ShardFormatError(f"{where}: {RLE_KEY} is not a JSON object of RLE lists: {exn}") from exn
+
+
+def decode_union(
+    rles: list[dict[str, Any] | None], size: tuple[int, int], stored: tuple[int, int]
+) -> np.ndarray:
+    """The union of RLE masks of ``size`` as an HxW bool array at the ``stored`` size (nearest pixel
+    centres, as the stored id maps were resized)."""
+    union = np.zeros(size, dtype=bool)
+    for rle in rles:
+        union |= decode_rle(rle, size)
+    if stored == size:
+        return union
+    rows, cols = centre_indices(size[0], stored[0]), centre_indices(size[1], stored[1])
+    return union[rows[:, None], cols[None, :]]
+
+
+def check_object_rles(
+    where: str,
+    object_rles: dict[int, list[dict[str, Any] | None]],
+    object_ids: list[int],
+    num_frames: int,
+    original_size: tuple[int, int] | None,
+) -> None:
+    """Per-object masks: one per frame for exactly the sample's objects, at the original size."""
+    if not object_rles:
+        return
+    if sorted(object_rles) != sorted(object_ids):
+        raise ShardFormatError(
+            f"{where}: {RLE_KEY} has objects {sorted(object_rles)}, want {sorted(object_ids)}"
+        )
+    for object_id, rles in object_rles.items():
+        sizes = {tuple(rle["size"]) for rle in rles if rle is not None}
+        if len(rles) != num_frames or not sizes <= {original_size}:
+            raise ShardFormatError(
+                f"{where}: object {object_id} has {len(rles)} masks of sizes {sorted(sizes)} in {RLE_KEY}, "
+                f"want {num_frames} of {original_size}",
+                "size_mismatch",
+            )

@@ -1,4 +1,4 @@
-"""The one versioned sample layout of every shard this project writes or reads (schema version 2).
+"""The one versioned sample layout of every shard this project writes or reads (schema version 3).
 
 A sample is one video (an image is a one-frame video) with everything needed to train and evaluate
 referring video segmentation on it. In a WebDataset tar it is the group of members sharing one key, the
@@ -9,7 +9,7 @@ video id with every character other than letters, digits, ``-`` and ``_`` replac
     UTF-8 JSON object::
 
         {
-          "schema_version": 2,
+          "schema_version": 3,
           "video_id": "train-000042", "source": "synthetic",
           "num_frames": 8, "height": 128, "width": 128,
           "original_height": 128, "original_width": 128,
@@ -19,7 +19,8 @@ video id with every character other than letters, digits, ``-`` and ``_`` replac
           "expressions": [{"text": "the red circle", "object_ids": [1], "type": "static",
                            "label": "red circle", "attributes": {"colour": "red", "shape": "circle"},
                            "source_id": ""}],
-          "qa":          [{"question": "What shape is the red object?", "answer": "circle"}]
+          "qa":          [{"question": "What shape is the red object?", "answer": "circle"}],
+          "ground_truth": true, "object_rles": false
         }
 
     ``height`` × ``width`` is the size of the stored frames and masks, ``original_height`` ×
@@ -31,6 +32,8 @@ video id with every character other than letters, digits, ``-`` and ``_`` replac
     where the data has one, else empty; object attributes are ``""`` when unknown, as for real datasets.
     ``source_id`` is the dataset's own id of an object or expression (MeViS ``obj_id``, COCO ``ann_id``,
     an expression's key), ``frame_names`` its frame names, so predictions can be written in its layout.
+    ``ground_truth`` is false for a split published without masks (MeViS ``valid``): no mask members, no
+    objects, no target ids, for inference only. ``object_rles``: the sample has an ``rle.json`` member.
 ``<key>.frame_000.jpg`` ... ``frame_{T-1:03d}.jpg``
     RGB frames at the stored size, JPEG.
 ``<key>.mask_000.png`` ... ``mask_{T-1:03d}.png``
@@ -40,12 +43,17 @@ video id with every character other than letters, digits, ``-`` and ``_`` replac
 ``<key>.original_mask_000.png`` ...
     The same maps at the original size, present only when the stored size differs from it, so scores can
     be computed at the original resolution while training decodes the small maps.
+``<key>.rle.json``
+    Only where objects overlap in the source (the id maps give a pixel to one of them): every object's own
+    mask per frame at the original size, compressed COCO RLE (``null``: absent), ``{"<id>": [rle, ...]}``.
+    An expression's ground truth is the union of its objects' masks (:meth:`VideoSample.target_mask`).
 
-Frames and masks stay encoded in :class:`VideoSample` and are decoded one at a time when asked for, so
-a training clip of T frames decodes T frames of its video, not all of them. Bump :data:`SCHEMA_VERSION`
-whenever this layout changes; readers refuse other versions (:class:`SchemaVersionError`). The image
-encodings are :mod:`~lightning_desa2va.data.codec`'s, the errors and skip reasons
-:mod:`~lightning_desa2va.data.errors`'.
+Version 2 samples read as version 3 ones with ground truth and no overlap; ``check_schema_version`` refuses
+a version-2 data set whose manifest counted overlapping pixels (its ground truth is not the published one).
+
+Frames and masks stay encoded in :class:`VideoSample`, decoded one at a time when asked for (a training
+clip of T frames decodes T frames). Bump :data:`SCHEMA_VERSION` whenever this layout changes; readers refuse
+other versions (:class:`SchemaVersionError`). Encodings: :mod:`~lightning_desa2va.data.codec`.
 """
 
 from __future__ import annotations
@@ -60,16 +68,23 @@ import numpy as np
 
 from lightning_desa2va.data.codec import (
     MAX_OBJECT_ID,
+    RLE_KEY,
+    check_object_rles,
     decode_frame,
     decode_mask,
+    decode_union,
     encode_jpeg,
     encode_mask,
     image_size,
+    object_rles_member,
+    sample_members,
 )
 from lightning_desa2va.data.errors import SchemaVersionError, ShardFormatError
 
-SCHEMA_VERSION = 2
-"""Version written into every sample's ``meta.json`` and manifest; readers reject any other."""
+SCHEMA_VERSION = 3
+"""Version written into every sample's ``meta.json`` and manifest."""
+READ_VERSIONS = (2, 3)
+"""Versions this reader reads (version 2 has no per-object masks: see the module docstring)."""
 
 EXPRESSION_TYPES = ("static", "motion", "mixed")
 """Expression types, the axis along which per-type J&F is reported."""
@@ -78,7 +93,6 @@ META_KEY = "meta.json"
 FRAME_KEY = "frame_{:03d}.jpg"
 MASK_KEY = "mask_{:03d}.png"
 ORIGINAL_MASK_KEY = "original_mask_{:03d}.png"
-_MEMBER_RE = re.compile(r"^(frame|mask|original_mask)_(\d+)\.(jpg|png)$")
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -137,6 +151,10 @@ class VideoSample:
     """Masks at the original size; empty when it is the stored size."""
     frame_names: list[str] = field(default_factory=list)
     source: str = ""
+    ground_truth: bool = True
+    """False for a split published without masks: no masks, objects or target object ids."""
+    object_rles: dict[int, list[dict[str, Any] | None]] = field(default_factory=dict)
+    """Each object's own mask per frame (COCO RLE, original size) where objects overlap, else empty."""
     origin: str = ""
     """Where the sample was read from (shard and key), for error messages; not stored."""
 
@@ -196,12 +214,28 @@ class VideoSample:
 
     def mask(self, t: int) -> np.ndarray:
         """Instance ids of frame ``t`` at the stored size, HxW uint16."""
+        self._require_ground_truth()
         return decode_mask(self.mask_data[t], self.size, self._where(), MASK_KEY.format(t))
+
+    def target_mask(self, t: int, object_ids: Sequence[int], original: bool = False) -> np.ndarray:
+        """Where any of ``object_ids`` is on frame ``t``, HxW bool at the stored size (or the original):
+        the union of the objects' own masks, overlaps included, as the benchmarks score it."""
+        if not self.object_rles:
+            return np.isin(self.original_mask(t) if original else self.mask(t), object_ids)
+        assert self.original_size is not None
+        rles = [self.object_rles[object_id][t] for object_id in object_ids]
+        return decode_union(rles, self.original_size, self.original_size if original else self.size)
+
+    def _require_ground_truth(self) -> None:
+        if not self.ground_truth:
+            message = "no ground truth (a split published without masks): infer on it, do not train or score"
+            raise ShardFormatError(f"{self._where()} has {message}", "missing_mask")
 
     def original_mask(self, t: int) -> np.ndarray:
         """Instance ids of frame ``t`` at the original size, H0xW0 uint16."""
         if not self.resized:
             return self.mask(t)
+        self._require_ground_truth()
         assert self.original_size is not None
         key = ORIGINAL_MASK_KEY.format(t)
         return decode_mask(self.original_mask_data[t], self.original_size, self._where(), key)
@@ -225,6 +259,8 @@ class VideoSample:
             "objects": [asdict(o) for o in self.objects],
             "expressions": [asdict(e) for e in self.expressions],
             "qa": [asdict(q) for q in self.qa],
+            "ground_truth": self.ground_truth,
+            "object_rles": bool(self.object_rles),
         }
 
 
@@ -247,12 +283,14 @@ def _check_sample(sample: VideoSample) -> None:
     """Refuse to write samples that readers would reject, so errors surface at the writer."""
     where = f"sample {sample.video_id!r}"
     count = sample.num_frames
-    if not count or len(sample.mask_data) != count or len(sample.frame_names) != count:
+    masks = count if sample.ground_truth else 0
+    if not count or len(sample.mask_data) != masks or len(sample.frame_names) != count:
         raise ShardFormatError(
             f"{where}: {count} frames, {len(sample.mask_data)} masks, {len(sample.frame_names)} frame names",
             "frame_count_mismatch",
         )
-    if sample.resized != bool(sample.original_mask_data) or len(sample.original_mask_data) not in (0, count):
+    resized = sample.resized and sample.ground_truth
+    if resized != bool(sample.original_mask_data) or len(sample.original_mask_data) not in (0, count):
         raise ShardFormatError(
             f"{where}: {len(sample.original_mask_data)} original-size masks for {count} frames stored at "
             f"{sample.size}, original {sample.original_size}",
@@ -267,6 +305,14 @@ def _check_sample(sample: VideoSample) -> None:
                     f"{where}: member {t} is {image_size(item)}, want {size}", "size_mismatch"
                 )
     _check_annotations(where, sample.objects, sample.expressions)
+    _check_rles(where, sample)
+    if not sample.ground_truth and (sample.objects or any(e.object_ids for e in sample.expressions)):
+        raise ShardFormatError(f"{where}: objects or target object ids without ground truth")
+
+
+def _check_rles(where: str, sample: VideoSample) -> None:
+    ids = [o.id for o in sample.objects]
+    check_object_rles(where, sample.object_rles, ids, sample.num_frames, sample.original_size)
 
 
 def encode_sample(sample: VideoSample) -> dict[str, Any]:
@@ -278,41 +324,19 @@ def encode_sample(sample: VideoSample) -> dict[str, Any]:
     }
     for t in range(sample.num_frames):
         raw[FRAME_KEY.format(t)] = sample.frame_data[t]
-        raw[MASK_KEY.format(t)] = sample.mask_data[t]
+        if sample.mask_data:
+            raw[MASK_KEY.format(t)] = sample.mask_data[t]
         if sample.original_mask_data:
             raw[ORIGINAL_MASK_KEY.format(t)] = sample.original_mask_data[t]
+    if sample.object_rles:
+        rles = {str(object_id): rles for object_id, rles in sorted(sample.object_rles.items())}
+        raw[RLE_KEY] = json.dumps(rles, sort_keys=True).encode("utf-8")
     return raw
 
 
 def _where(raw: dict[str, Any]) -> str:
     """Name the input of a raw sample for error messages."""
     return f"shard {raw.get('__url__', '<unknown shard>')!s}, sample {raw.get('__key__', '<no key>')!r}"
-
-
-def _members(raw: dict[str, Any], where: str, num_frames: int, resized: bool) -> dict[str, list[bytes]]:
-    """Frame and mask members by kind, checked against the frame count (reasons as the skip counts say)."""
-    found: dict[str, dict[int, bytes]] = {"frame": {}, "mask": {}, "original_mask": {}}
-    for name, value in raw.items():
-        match = _MEMBER_RE.match(name)
-        if match:
-            found[match.group(1)][int(match.group(2))] = value
-    frames = found["frame"]
-    if sorted(frames) != list(range(num_frames)):
-        raise ShardFormatError(
-            f"{where}: meta says {num_frames} frames, the sample has frames {sorted(frames)}",
-            "frame_count_mismatch",
-        )
-    kinds = ("mask", "original_mask") if resized else ("mask",)
-    for kind in kinds:
-        missing = [t for t in range(num_frames) if t not in found[kind]]
-        if missing:
-            raise ShardFormatError(f"{where}: no {kind} member for frames {missing}", "missing_mask")
-        extra = sorted(set(found[kind]) - set(range(num_frames)))
-        if extra:
-            raise ShardFormatError(
-                f"{where}: {kind} members {extra} beyond {num_frames} frames", "frame_count_mismatch"
-            )
-    return {kind: [found[kind][t] for t in range(num_frames)] for kind in ("frame", *kinds)}
 
 
 def decode_sample(raw: dict[str, Any]) -> VideoSample:
@@ -329,9 +353,9 @@ def decode_sample(raw: dict[str, Any]) -> VideoSample:
     if not isinstance(meta, dict):
         raise ShardFormatError(f"{where}: {META_KEY} is not a JSON object")
     version = meta.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READ_VERSIONS:
         raise SchemaVersionError(
-            f"{where}: schema_version {version!r}, this reader reads version {SCHEMA_VERSION}; "
+            f"{where}: schema_version {version!r}, this reader reads version {SCHEMA_VERSION} (and 2); "
             "rewrite the shards with this version (desa2va shards synthetic / desa2va shards build)"
         )
     try:
@@ -343,6 +367,8 @@ def decode_sample(raw: dict[str, Any]) -> VideoSample:
         qa = [QAPair(**q) for q in meta["qa"]]
         frame_names = [str(name) for name in meta["frame_names"]]
         video_id, source = str(meta["video_id"]), str(meta["source"])
+        ground_truth, has_rles = bool(meta.get("ground_truth", True)), bool(meta.get("object_rles", False))
+        object_rles = object_rles_member(raw, where) if has_rles else {}
     except (KeyError, TypeError, ValueError) as exn:
         raise ShardFormatError(f"{where}: malformed {META_KEY}: {exn!r}") from exn
     if num_frames < 1 or len(frame_names) != num_frames:
@@ -350,18 +376,25 @@ def decode_sample(raw: dict[str, Any]) -> VideoSample:
             f"{where}: num_frames is {num_frames} with {len(frame_names)} frame names", "frame_count_mismatch"
         )
     _check_annotations(where, objects, expressions)
-    members = _members(raw, where, num_frames, resized=size != original_size)
-    return VideoSample(
+    members = sample_members(raw, where, num_frames, size != original_size and ground_truth, ground_truth)
+    sample = VideoSample(
         video_id,
         objects,
         expressions,
         qa,
         frame_data=members["frame"],
-        mask_data=members["mask"],
+        mask_data=members.get("mask", []),
         size=size,
         original_size=original_size,
         original_mask_data=members.get("original_mask", []),
         frame_names=frame_names,
         source=source,
+        ground_truth=ground_truth,
+        object_rles=object_rles,
         origin=where,
     )
+    try:
+        _check_rles(where, sample)
+    except (KeyError, TypeError) as exn:
+        raise ShardFormatError(f"{where}: malformed {RLE_KEY}: {exn!r}") from exn
+    return sample

@@ -26,6 +26,7 @@ from webdataset.handlers import reraise_exception
 from lightning_desa2va.data.errors import SKIP_REASONS, SchemaVersionError, ShardFormatError
 from lightning_desa2va.data.schema import (
     EXPRESSION_TYPES,
+    READ_VERSIONS,
     SCHEMA_VERSION,
     VideoSample,
     decode_sample,
@@ -101,12 +102,15 @@ class SplitStats:
     num_qa: int = 0
     multi_object_expressions: int = 0
     expression_types: dict[str, int] = field(default_factory=lambda: dict.fromkeys(EXPRESSION_TYPES, 0))
+    ground_truth: bool = True
+    """Whether every video has masks (false: a split published without them, for inference only)."""
 
     def tap(self, samples: Iterable[VideoSample]) -> Iterator[VideoSample]:
         """Yield the samples unchanged, counting them."""
         for sample in samples:
             self.num_videos += 1
             self.num_frames += sample.num_frames
+            self.ground_truth = self.ground_truth and sample.ground_truth
             self.num_qa += len(sample.qa)
             for expr in sample.expressions:
                 self.num_expressions += 1
@@ -183,12 +187,26 @@ def manifest_version(data_dir: Path) -> int | None:
 
 
 def check_schema_version(data_dir: Path) -> None:
-    """Fail before reading when a data dir's manifest says its shards have another schema version."""
+    """Fail before reading when a data dir's manifest says its shards have another schema version, or are of
+    version 2 with objects that overlap (whose masks version 2 painted into one object's)."""
     version = manifest_version(data_dir)
-    if version is not None and version != SCHEMA_VERSION:
+    if version is None or version == SCHEMA_VERSION:
+        return
+    if version not in READ_VERSIONS:
         raise SchemaVersionError(
             f"{data_dir}: shards of schema version {version}, this reader reads version {SCHEMA_VERSION}; "
             "rewrite them (desa2va shards synthetic / desa2va shards build) or delete the directory"
+        )
+    lost = {
+        split: entry.get("overlapping_pixels", 0)
+        for split, entry in read_manifest(data_dir).get("splits", {}).items()
+        if entry.get("overlapping_pixels", 0)
+    }
+    if lost:
+        raise SchemaVersionError(
+            f"{data_dir}: shards of schema version {version} gave pixels where objects overlap to one object "
+            f"({lost}), so the other's ground truth is not the published one; rebuild them with desa2va "
+            f"shards build (version {SCHEMA_VERSION} keeps each object's own mask)"
         )
 
 

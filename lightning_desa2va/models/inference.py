@@ -39,7 +39,15 @@ class Inference:
 
 
 class InferenceProtocol(ABC):
-    """Turns a batch (``frames``, ``vlm_pixels``, ``input_ids``, ``attention_mask``) into mask logits."""
+    """Turns a batch (``frames``, ``vlm_pixels``, ``input_ids``, ``attention_mask``) into mask logits.
+
+    ``chunk_frames``: frames SAM-2's image encoder (and ``desa2va predict``'s resizing) takes at a time
+    (``None``: all at once), so a long video fits the accelerator's memory."""
+
+    def __init__(self, chunk_frames: int | None = None) -> None:
+        if chunk_frames is not None and chunk_frames < 1:
+            raise ValueError(f"eval.chunk_frames must be >= 1 or null, got {chunk_frames}")
+        self.chunk_frames = chunk_frames
 
     @abstractmethod
     def __call__(self, model: DeSa2VA, batch: Mapping[str, Any]) -> Inference:
@@ -75,7 +83,9 @@ class Sa2VAInference(InferenceProtocol):
         sampling: str = "first",
         tracking_decoder: str = "tuned",
         foundation_sam2: LanguagePromptedSAM2 | None = None,
+        chunk_frames: int | None = None,
     ) -> None:
+        super().__init__(chunk_frames)
         if key_frames < 1:
             raise ValueError(f"eval.key_frames must be >= 1, got {key_frames}")
         if sampling not in SAMPLINGS:
@@ -134,8 +144,9 @@ class Sa2VAiInference(Sa2VAInference):
         key_frames: int = 5,
         sampling: str = "uniform",
         tracking_decoder: str = "foundation",
+        chunk_frames: int | None = None,
     ) -> None:
-        super().__init__(key_frames, sampling, tracking_decoder, foundation_sam2)
+        super().__init__(key_frames, sampling, tracking_decoder, foundation_sam2, chunk_frames)
 
 
 @contextmanager

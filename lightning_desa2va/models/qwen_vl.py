@@ -45,7 +45,9 @@ class QwenSegTokenVLM(SegTokenVLM):
         if pixel_values is None:
             return {}
         rgb = (pixel_values.float() * self.pixel_std + self.pixel_mean).clamp(0, 1)
-        images = self.image_processor(images=rgb, do_resize=False, do_rescale=False, return_tensors="pt")
+        images = self.image_processor(
+            images=rgb, do_resize=False, do_rescale=False, return_tensors="pt", device=pixel_values.device
+        )
         return {
             "pixel_values": images["pixel_values"].to(pixel_values.device, pixel_values.dtype),
             "image_grid_thw": images["image_grid_thw"].to(pixel_values.device),
@@ -61,10 +63,11 @@ def load_qwen2_5_vl(
     pixel_std: list[float],
     train_tokens: list[str] | None = None,
     dtype: str = "float32",
+    gradient_checkpointing: bool = False,
 ) -> QwenSegTokenVLM:
     """Load a local Qwen2.5-VL folder (``local_files_only``) for frames of ``image_size`` pixels a side,
     which the data normalised with ``pixel_mean`` / ``pixel_std``; ``train_tokens`` as for InternVL."""
-    model = load_image_text_model(path, tokenizer, dtype)
+    model = load_image_text_model(path, tokenizer, dtype, gradient_checkpointing)
     image_processor = AutoImageProcessor.from_pretrained(Path(path), local_files_only=True)
     side = image_processor.patch_size * image_processor.merge_size
     if image_size % side:

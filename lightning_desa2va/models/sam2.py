@@ -110,7 +110,14 @@ class TrackOutput:
 
 
 class LanguagePromptedSAM2(SAM2Base):
-    """SAM-2 whose mask decoder also takes language-derived sparse prompt embeddings."""
+    """SAM-2 whose mask decoder also takes language-derived sparse prompt embeddings.
+
+    ``chunk_frames`` (``None``: all at once) bounds how many frames the image encoder runs on at a time:
+    its activations at 1024 px (Hiera-L) are ~1 GB a frame, so a whole video in one batch does not fit a GPU,
+    while the features it keeps are a few tens of MB a frame.
+    """
+
+    chunk_frames: int | None = None
 
     @property
     def prompt_dim(self) -> int:
@@ -125,8 +132,7 @@ class LanguagePromptedSAM2(SAM2Base):
 
     def encode_frames(self, frames: Tensor) -> FrameFeatures:
         """Run the image encoder on ``frames`` [N, 3, H, W] (normalised as SAM-2 expects)."""
-        backbone_out = self.forward_image(frames)
-        _, vision_feats, _, feat_sizes = self._prepare_backbone_features(backbone_out)
+        vision_feats, _, feat_sizes = self._encode(frames)
         # Frames decoded without memory get the learned "no memory" embedding, as SAM-2 does itself.
         vision_feats[-1] = vision_feats[-1] + self.no_mem_embed
         maps = [as_maps(feat, size) for feat, size in zip(vision_feats, feat_sizes, strict=True)]
@@ -180,9 +186,20 @@ class LanguagePromptedSAM2(SAM2Base):
     def encode_clips(self, frames: Tensor) -> ClipFeatures:
         """Run the image encoder once on clips [B, T, 3, H, W] for tracking (no memory added yet)."""
         num_clips, num_frames = frames.shape[:2]
-        backbone_out = self.forward_image(frames.transpose(0, 1).flatten(0, 1))
-        _, vision_feats, vision_pos_embeds, feat_sizes = self._prepare_backbone_features(backbone_out)
+        vision_feats, vision_pos_embeds, feat_sizes = self._encode(frames.transpose(0, 1).flatten(0, 1))
         return ClipFeatures(vision_feats, vision_pos_embeds, feat_sizes, num_clips, num_frames)
+
+    def _encode(self, frames: Tensor) -> tuple[list[Tensor], list[Tensor], list[tuple[int, int]]]:
+        """SAM-2's flattened features and position embeddings ([HW, N, C] per level) of frames [N, 3, H, W],
+        encoded ``chunk_frames`` at a time."""
+        chunks = frames.split(self.chunk_frames) if self.chunk_frames else [frames]
+        parts = [self._prepare_backbone_features(self.forward_image(chunk))[1:] for chunk in chunks]
+        if len(parts) == 1:
+            return parts[0]
+        levels = range(len(parts[0][0]))
+        vision_feats = [torch.cat([part[0][level] for part in parts], dim=1) for level in levels]
+        vision_pos_embeds = [torch.cat([part[1][level] for part in parts], dim=1) for level in levels]
+        return vision_feats, vision_pos_embeds, parts[0][2]
 
     def _track_step(self, *args: Any, **kwargs: Any) -> tuple[dict, tuple, Any, Any]:
         """SAM-2's per-frame step, also keeping every candidate mask, its IoU estimate and the object score

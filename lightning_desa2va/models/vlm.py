@@ -3,18 +3,24 @@
 Real runs load an InternVL-class checkpoint from a local ``save_pretrained`` folder; the embedded default
 builds a tiny config of the same class (``InternVLForConditionalGeneration``) with random weights.
 Either way :class:`SegTokenVLM` only reads the last-layer hidden state at the ``[SEG]`` token and the
-language-model loss on the answer tokens, so any ``AutoModelForImageTextToText`` fits.
+language-model loss on the answer tokens, so any ``AutoModelForImageTextToText`` fits. The output head
+(``lm_head``) runs only on the positions a loss or an answer reads: with a 150k-word vocabulary its logits
+over a 5-frame conversation (~1,300 tokens) would be ~0.8 GB a clip in fp32.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import TrainableTokensWrapper
 from safetensors.torch import load_model
 from torch import Tensor, nn
+from torch.nn import functional as F
 from transformers import (
     AutoModelForImageTextToText,
     InternVLConfig,
@@ -25,10 +31,16 @@ from transformers import (
 )
 from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 
+from lightning_desa2va.data.chat import IGNORE_INDEX
 from lightning_desa2va.errors import WeightsFormatError
 from lightning_desa2va.models.tokenizer import IMAGE_CONTEXT_TOKEN, SEG_TOKEN
 
 log = logging.getLogger(__name__)
+
+ADAPTER_NAME = "default"
+LORA_PARAMETER_TAG = "lora_"
+TRAINABLE_TOKENS_TAG = "trainable_tokens_delta"
+"""peft's per-token deltas (``trainable_token_indices``): only those rows of the embedding and head train."""
 
 
 @dataclass
@@ -73,20 +85,97 @@ class SegTokenVLM(nn.Module):
         pixel_values: Tensor | None = None,
         labels: Tensor | None = None,
     ) -> VLMOutput:
-        """Run the VLM; ``pixel_values`` are [B * T, 3, s, s] frames matching the image tokens."""
-        out = self.model(
+        """Run the VLM; ``pixel_values`` are [B * T, 3, s, s] frames matching the image tokens.
+
+        The LM loss is the mean next-token cross-entropy over the labelled tokens (transformers' causal-LM
+        loss), with the head run on those positions alone."""
+        hidden = self.hidden_states(input_ids, attention_mask, pixel_values)
+        lm_loss = None
+        if labels is not None:
+            inputs, targets = self._labelled(hidden, labels)
+            lm_loss = F.cross_entropy(self.model.get_output_embeddings()(inputs).float(), targets)
+        return VLMOutput(seg_hidden=self._seg_states(input_ids, hidden), lm_loss=lm_loss)
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None) -> Tensor:
+        """Last-layer hidden states [B, L, d] of the base model (no output head)."""
+        return self.model.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            labels=labels,
-            output_hidden_states=True,
             **self.vision_inputs(input_ids, pixel_values),
-        )
-        return VLMOutput(seg_hidden=self._seg_states(input_ids, out.hidden_states[-1]), lm_loss=out.loss)
+        ).last_hidden_state
+
+    def answer_tokens(
+        self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None, labels: Tensor
+    ) -> Tensor:
+        """Teacher-forced argmax token [B, L - 1] at every position whose next token is labelled (the
+        head's vocabulary-wide logits on those positions only); ``IGNORE_INDEX`` elsewhere."""
+        hidden = self.hidden_states(input_ids, attention_mask, pixel_values)
+        inputs, _ = self._labelled(hidden, labels)
+        predicted = torch.full_like(labels[:, 1:], IGNORE_INDEX)
+        predicted[labels[:, 1:] != IGNORE_INDEX] = self.model.get_output_embeddings()(inputs).argmax(-1)
+        return predicted
+
+    @staticmethod
+    def _labelled(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Hidden states [N, d] of the positions whose next token is labelled, and those tokens [N]."""
+        targets = labels[:, 1:]
+        valid = targets != IGNORE_INDEX
+        return hidden[:, :-1][valid], targets[valid]
 
     def vision_inputs(self, input_ids: Tensor, pixel_values: Tensor | None) -> dict[str, Tensor | None]:
         """The image arguments of the wrapped model's forward for frames [B * T, 3, s, s]: InternVL takes
         the frames as they are; a model with another image input (Qwen-VL's patches) converts them."""
         return {"pixel_values": pixel_values}
+
+    def adapt(self, lora: LoraConfig) -> tuple[str, ...]:
+        """LoRA on the language model and, for tokens new to the checkpoint (``[SEG]``), their rows of the
+        input embedding and of the output head (peft's trainable tokens); the name parts of what trains.
+
+        Where the checkpoint ties ``lm_head`` to the input embedding (transformers' default), the head's row
+        is tied to the trained input row, so the ``[SEG]`` the model reads is the ``[SEG]`` it predicts;
+        an untied head trains a row of its own."""
+        tags = (LORA_PARAMETER_TAG,)
+        head = self.model.get_output_embeddings()
+        tied = head.weight is self.model.get_input_embeddings().weight
+        if self.trainable_token_ids:
+            lora = replace(lora, trainable_token_indices=self.trainable_token_ids)
+            tags += (TRAINABLE_TOKENS_TAG,)
+        inject_adapter_in_model(lora, self.language_model)
+        if self.trainable_token_ids:
+            embedding = self.model.get_input_embeddings()
+            head = TrainableTokensWrapper(
+                head,
+                ADAPTER_NAME,
+                token_indices=self.trainable_token_ids,
+                tied_adapter=embedding.token_adapter if tied else None,
+            )
+            head.set_adapter(ADAPTER_NAME)
+            self.model.set_output_embeddings(head)
+            log.info(
+                "rows of new tokens %s train in the input embedding and lm_head, %s",
+                self.trainable_token_ids,
+                "tied as the checkpoint ties them: one row serves both" if tied else "untied: a row each",
+            )
+        return tags
+
+    def merge_adapters(self) -> None:
+        """Fold LoRA and the trained token rows into the base weights and remove the adapters (for export):
+        the plain transformers model that ``from_pretrained`` reads back."""
+        done: list[str] = []
+        for name, module in list(self.model.named_modules()):
+            if any(name.startswith(f"{parent}.") for parent in done):
+                continue
+            if isinstance(module, TrainableTokensWrapper):
+                module.token_adapter.merge()
+                base = module.token_adapter.base_layer
+            elif isinstance(module, BaseTunerLayer):
+                module.merge()
+                base = module.get_base_layer()
+            else:
+                continue
+            parent, _, child = name.rpartition(".")
+            setattr(self.model.get_submodule(parent), child, base)
+            done.append(name)
 
     def _seg_states(self, input_ids: Tensor, hidden: Tensor) -> Tensor:
         is_seg = input_ids == self.seg_token_id
@@ -166,11 +255,12 @@ def load_pretrained_vlm(
     tokenizer: PreTrainedTokenizerBase,
     train_tokens: list[str] | None = None,
     dtype: str = "float32",
+    gradient_checkpointing: bool = False,
 ) -> SegTokenVLM:
     """Load a local InternVL-class ``save_pretrained`` folder (``local_files_only``); ``train_tokens`` (e.g.
     ``[SEG]``) are the tokens whose input embedding rows stage 2 trains, since a token new to the checkpoint
     has no pretrained embedding."""
-    model = load_image_text_model(path, tokenizer, dtype)
+    model = load_image_text_model(path, tokenizer, dtype, gradient_checkpointing)
     vision = model.config.vision_config
     image_size = vision.image_size[0] if isinstance(vision.image_size, list | tuple) else vision.image_size
     vlm = SegTokenVLM(
@@ -180,9 +270,14 @@ def load_pretrained_vlm(
     return vlm
 
 
-def load_image_text_model(path: str, tokenizer: PreTrainedTokenizerBase, dtype: str) -> PreTrainedModel:
+def load_image_text_model(
+    path: str, tokenizer: PreTrainedTokenizerBase, dtype: str, gradient_checkpointing: bool = False
+) -> PreTrainedModel:
     """``AutoModelForImageTextToText`` from a local folder, its embeddings grown for tokens the tokenizer
-    added; a folder that is not one is a one-line error naming it."""
+    added (transformers samples a new row from the old rows' mean and covariance); a folder that is not one
+    is a one-line error naming it. ``gradient_checkpointing``: the layers recompute their activations in the
+    backward pass instead of keeping them (transformers' own, non-reentrant, so a frozen base with LoRA
+    still gets its gradients)."""
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no transformers model folder (config.json) at {folder}")
@@ -195,5 +290,7 @@ def load_image_text_model(path: str, tokenizer: PreTrainedTokenizerBase, dtype: 
         raise WeightsFormatError(f"{folder} is no loadable image-text model folder: {first_line}") from error
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
     log.info("loaded VLM %s from %s", type(model).__name__, folder)
     return model

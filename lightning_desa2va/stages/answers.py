@@ -38,7 +38,11 @@ def answer_spans(valid: Tensor) -> list[list[tuple[int, int]]]:
 
 def score_answers(logits: Tensor, labels: Tensor) -> AnswerScores:
     """Argmax of the logits at each position against the next label, over the labelled tokens only."""
-    predicted = logits[:, :-1].argmax(dim=-1)
+    return score_predictions(logits[:, :-1].argmax(dim=-1), labels)
+
+
+def score_predictions(predicted: Tensor, labels: Tensor) -> AnswerScores:
+    """Predicted next tokens [B, L - 1] (read where the next token is labelled) against the labels [B, L]."""
     target = labels[:, 1:]
     valid = target != IGNORE_INDEX
     hits = (predicted == target) & valid

@@ -29,6 +29,7 @@ from lightning_desa2va.errors import NonFiniteLossError
 from lightning_desa2va.losses import LossTerms
 from lightning_desa2va.metrics import JFMetric, MaskShareMetric, ReferringIoUMetric
 from lightning_desa2va.models.desa2va import DeSa2VA
+from lightning_desa2va.stages.checkpoints import RECORD_KEY, record_of, trainable_only
 from lightning_desa2va.stages.motion import MotionProbe
 from lightning_desa2va.tracking import log_artifacts
 from lightning_desa2va.visualize import OverlayItem, save_overlays
@@ -63,6 +64,10 @@ class TrainingStage(pl.LightningModule):
         self.train_modules = list(train_modules)
         self.last_validated_step: int | None = None
         self.trainable_extra: tuple[str, ...] = ()  # parameter-name parts trained beside train_modules
+        self.initialised_keys: set[str] = set()  # model keys a checkpoint (stage.init_from) loaded
+        # Checkpoints leave out the frozen foundation weights (stages/checkpoints.py): builds rebuild them.
+        self.strict_loading = False
+        self.run_overrides: list[str] = []  # the overrides that built the run, recorded in its checkpoints
 
     def select_trainable(self, extra: Iterable[str] = ()) -> None:
         """Freeze everything, then unfreeze the configured submodules and parameters named in ``extra``."""
@@ -111,6 +116,12 @@ class TrainingStage(pl.LightningModule):
             trained = sum(p.numel() for p in parameters if p.requires_grad)
             lines.append(f"{name:<{width}}  {trained:>12,}  {sum(p.numel() for p in parameters):>12,}")
         return "\n".join(lines)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep what the run changed, not the frozen foundation weights; record what was left out."""
+        rebuilt = trainable_only(self.model, checkpoint["state_dict"], self.initialised_keys)
+        metrics = self._trainer.callback_metrics if self._trainer is not None else {}
+        checkpoint[RECORD_KEY] = record_of(rebuilt, self.run_overrides, metrics)
 
     @property
     def model_size(self) -> int:

@@ -12,13 +12,12 @@ disentanglement diagnostics (:mod:`lightning_desa2va.diagnostics`).
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torchmetrics
-from peft import LoraConfig, inject_adapter_in_model
+from peft import LoraConfig
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -28,15 +27,12 @@ from lightning_desa2va.losses import LossTerms, TripleSupervisionLoss
 from lightning_desa2va.metrics import PerTypeMean
 from lightning_desa2va.models.desa2va import DeSa2VA, DeSa2VAOutput, MaskRequest
 from lightning_desa2va.models.inference import InferenceProtocol, PerFrameInference
-from lightning_desa2va.stages.answers import answer_spans, score_answers
+from lightning_desa2va.stages.answers import answer_spans, score_predictions
 from lightning_desa2va.stages.base import Optimizer, SegmentationStage
 from lightning_desa2va.stages.checkpoints import load_model_weights
 
 log = logging.getLogger(__name__)
 
-LORA_PARAMETER_TAG = "lora_"
-TRAINABLE_TOKENS_TAG = "trainable_tokens_delta"
-"""peft's per-token embedding deltas (``trainable_token_indices``): only those rows of the embedding train."""
 SEGMENTATION_ANSWERS = 1
 """Labelled answers before the QA turns in a stage-2 conversation: the ``[SEG]`` answer."""
 
@@ -62,16 +58,10 @@ class DecoupledFinetuneStage(SegmentationStage):
         super().__init__(model, optimizer, train_modules, num_overlays, w_motion, motion_grid)
         self.loss = loss
         self.inference = PerFrameInference() if inference is None else inference
+        model.sam.chunk_frames = self.inference.chunk_frames
         if init_from is not None:
-            load_model_weights(model, Path(init_from))
-        extra: tuple[str, ...] = ()
-        if lora is not None:
-            extra = (LORA_PARAMETER_TAG,)
-            if model.vlm.trainable_token_ids:  # new tokens ([SEG]) train their input embedding rows alone
-                lora = replace(lora, trainable_token_indices=model.vlm.trainable_token_ids)
-                extra += (TRAINABLE_TOKENS_TAG,)
-            inject_adapter_in_model(lora, model.vlm.language_model)
-        self.select_trainable(extra=extra)
+            self.initialised_keys = load_model_weights(model, Path(init_from))
+        self.select_trainable(extra=() if lora is None else model.vlm.adapt(lora))
         self.uses_penalty = loss.uses_orth and model.decoupler.has_penalty
         if loss.uses_orth and not model.decoupler.has_penalty:
             log.warning(
@@ -113,23 +103,21 @@ class DecoupledFinetuneStage(SegmentationStage):
     def score_qa(self, batch: dict[str, Any], metric: PerTypeMean) -> None:
         """Exact match of every QA answer after the ``[SEG]`` answer, under teacher forcing: all its tokens
         (end of turn included) argmax-correct, which is what greedy decoding would answer. One more VLM
-        pass, for its logits (the segmentation pass reads only the ``[SEG]`` state)."""
+        pass, for the head's answers on the labelled positions (the segmentation pass reads only the
+        ``[SEG]`` state)."""
         labels = batch["labels"]
         if max(len(spans) for spans in answer_spans(labels != IGNORE_INDEX)) <= SEGMENTATION_ANSWERS:
             return  # no QA turn in the batch (data.chat.max_qa_turns = 0 or clips without QA pairs)
-        vlm = self.model.vlm
-        output = vlm.model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            **vlm.vision_inputs(batch["input_ids"], batch["vlm_pixels"].flatten(0, 1)),
+        predicted = self.model.vlm.answer_tokens(
+            batch["input_ids"], batch["attention_mask"], batch["vlm_pixels"].flatten(0, 1), labels
         )
         hits, types = [], []
-        for row, answers in enumerate(score_answers(output.logits, labels).answers):
+        for row, answers in enumerate(score_predictions(predicted, labels).answers):
             qa_answers = answers[SEGMENTATION_ANSWERS:]
             hits += qa_answers
             types += [batch["expression_type"][row]] * len(qa_answers)
         if hits:
-            metric.update(torch.tensor(hits, dtype=torch.float64), types)
+            metric.update(torch.tensor(hits, dtype=torch.float64, device=labels.device), types)
 
     def extra_results(self) -> dict[str, float]:
         """The principal angles between the subspaces z_t and z_v read (from the decoupler's weights)."""

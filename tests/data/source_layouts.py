@@ -86,8 +86,9 @@ MEVIS_VIDEOS = {
 }
 
 
-def write_mevis(root: Path, split: str = "train", revos: bool = False) -> Truth:
-    """MeViS (``root/<split>/...``) or ReVOS (``root/...``, ``meta_expressions_<split>_.json``)."""
+def write_mevis(root: Path, split: str = "train", revos: bool = False, ground_truth: bool = True) -> Truth:
+    """MeViS (``root/<split>/...``) or ReVOS (``root/...``, ``meta_expressions_<split>_.json``); without
+    ``ground_truth``, as MeViS ``valid`` is published: no ``mask_dict.json``, expressions without objects."""
     base = root if revos else root / split
     truth = Truth()
     meta: dict = {"videos": {}}
@@ -119,16 +120,33 @@ def write_mevis(root: Path, split: str = "train", revos: bool = False) -> Truth:
         }
         truth.expressions["vid_b"]["1"] = ("the unicorn", [])
     meta_name = f"meta_expressions_{split}_.json" if revos else "meta_expressions.json"
+    if not ground_truth:
+        for video in meta["videos"].values():
+            video["expressions"] = {k: {"exp": e["exp"]} for k, e in video["expressions"].items()}
     (base / meta_name).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
-    (base / "mask_dict.json").write_text(json.dumps(mask_dict))
+    if ground_truth:
+        (base / "mask_dict.json").write_text(json.dumps(mask_dict))
     return truth
+
+
+def overlap_objects(root: Path, split: str = "train") -> dict[str, np.ndarray]:
+    """Make objects 0 and 1 of MeViS video "vid_a" overlap on every frame (1 lies inside 0); their masks
+    [T, H, W] by anno_id, as ``mask_dict.json`` now publishes them."""
+    path = root / split / "mask_dict.json"
+    mask_dict = json.loads(path.read_text())
+    big, small = rectangle(0, 0, 20, 18), rectangle(5, 5, 4, 4)  # object 2 starts at column 20
+    mask_dict["10"], mask_dict["11"] = [rle(big)] * 4, [rle(small)] * 4
+    path.write_text(json.dumps(mask_dict))
+    return {"10": np.stack([big] * 4), "11": np.stack([small] * 4)}
 
 
 # Ref-YouTube-VOS video: frames every fifth, palette ids 1 and 2 (2 absent from the middle frame).
 YTVOS_FRAMES = ["00000", "00005", "00010"]
 
 
-def write_refytvos(root: Path, split: str = "train") -> Truth:
+def write_refytvos(root: Path, split: str = "train", ground_truth: bool = True) -> Truth:
+    """Ref-YouTube-VOS; without ``ground_truth``, as its ``valid`` split is published: no ``Annotations``, no
+    ``meta.json``, expressions without objects."""
     truth = Truth()
     person = [rectangle(2, 2 + t, 12, 8) for t in range(3)]
     dog = [rectangle(15, 20, 6, 10), rectangle(0, 0, 0, 0), rectangle(15, 26, 6, 10)]
@@ -139,6 +157,8 @@ def write_refytvos(root: Path, split: str = "train") -> Truth:
         truth.frames["0a1b2c3d4e"].append(
             write_jpeg(root / split / "JPEGImages" / "0a1b2c3d4e" / f"{name}.jpg", t)
         )
+        if not ground_truth:
+            continue
         ids = np.zeros((HEIGHT, WIDTH), dtype=np.uint8)
         ids[person[t]], ids[dog[t]] = 1, 2
         png = Image.fromarray(ids)
@@ -148,17 +168,16 @@ def write_refytvos(root: Path, split: str = "train") -> Truth:
         png.save(path)
     expressions = {"0": ("a person walking to the right", "1"), "1": ("ein Hund, der kurz verschwindet", "2")}
     truth.expressions["0a1b2c3d4e"] = {k: (text, [o]) for k, (text, o) in expressions.items()}
-    meta = {
-        "videos": {
-            "0a1b2c3d4e": {
-                "frames": YTVOS_FRAMES,
-                "expressions": {k: {"exp": text, "obj_id": o} for k, (text, o) in expressions.items()},
-            }
-        }
+    entries = {
+        k: {"exp": text, "obj_id": o} if ground_truth else {"exp": text}
+        for k, (text, o) in expressions.items()
     }
+    meta = {"videos": {"0a1b2c3d4e": {"frames": YTVOS_FRAMES, "expressions": entries}}}
     meta_path = root / "meta_expressions" / split / "meta_expressions.json"
     meta_path.parent.mkdir(parents=True, exist_ok=True)
     meta_path.write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+    if not ground_truth:
+        return truth
     categories = {
         "1": {"category": "person", "frames": YTVOS_FRAMES},
         "2": {"category": "dog", "frames": YTVOS_FRAMES},

@@ -17,6 +17,7 @@ from source_layouts import (
     REFCOCO_VAL_ANNS,
     WIDTH,
     Truth,
+    overlap_objects,
     rectangle,
     rle,
     write_mevis,
@@ -159,11 +160,7 @@ def test_max_size_resizes_frames_and_keeps_masks_at_both_sizes(tmp_path: Path) -
 def test_overlapping_masks_go_to_the_smaller_object_and_are_counted(tmp_path: Path) -> None:
     root = tmp_path / "mevis"
     write_mevis(root)
-    mask_dict = json.loads((root / "train" / "mask_dict.json").read_text())
-    big, small = rectangle(0, 0, 20, 18), rectangle(5, 5, 4, 4)  # object 2 starts at column 20
-    mask_dict["10"] = [rle(big)] * 4
-    mask_dict["11"] = [rle(small)] * 4
-    (root / "train" / "mask_dict.json").write_text(json.dumps(mask_dict))
+    small = overlap_objects(root)["11"][0]
     report = build_shards("mevis", root, "train", tmp_path / "out")
     video = shard_samples(tmp_path / "out", "train")["vid_a"]
     assert (video.mask(0)[small] == 2).all() and report.overlapping_pixels == 4 * int(small.sum())

@@ -53,7 +53,7 @@ def _gradient(height: int, width: int) -> np.ndarray:
 
 
 def test_constants() -> None:
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
     assert EXPRESSION_TYPES == ("static", "motion", "mixed")
 
 
@@ -151,7 +151,7 @@ def test_sample_keys_have_no_dots_or_slashes() -> None:
 def test_wrong_schema_version_names_the_version_found_and_read(sample: VideoSample) -> None:
     raw = _with_meta(_raw(sample), schema_version=1)
     with pytest.raises(
-        SchemaVersionError, match=r"train-000007\.tar.*train-000042.*schema_version 1.*version 2"
+        SchemaVersionError, match=r"train-000007\.tar.*train-000042.*schema_version 1.*version 3"
     ):
         decode_sample(raw)
 

@@ -174,7 +174,21 @@ def test_manifest_version_check_and_converted_splits_merge(tmp_path: Path) -> No
     other = update_manifest(tmp_path, {"format": "refcoco", "root": "/x"}, "val", {"num_videos": 2})
     assert set(other["splits"]) == {"val"}  # another source starts afresh
     (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 1}))
-    with pytest.raises(SchemaVersionError, match=rf"{tmp_path}.*version 1.*version 2"):
+    with pytest.raises(SchemaVersionError, match=rf"{tmp_path}.*version 1.*version {SCHEMA_VERSION}"):
+        check_schema_version(tmp_path)
+
+
+def test_version_2_shards_read_unless_their_objects_overlapped(tmp_path: Path) -> None:
+    """Version 2 painted overlapping objects into one id map: shards without overlaps read as they are,
+    shards whose manifest counted overlapping pixels must be rebuilt to score against the published masks."""
+    splits = {"train": {"overlapping_pixels": 0}, "val": {"overlapping_pixels": 0}}
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 2, "splits": splits}))
+    check_schema_version(tmp_path)
+    splits["val"]["overlapping_pixels"] = 37
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 2, "splits": splits}))
+    with pytest.raises(
+        SchemaVersionError, match=r"version 2.*'val': 37.*rebuild them with desa2va shards build"
+    ):
         check_schema_version(tmp_path)
 
 

@@ -1,5 +1,6 @@
-"""What every converter shares: reading source frames, painting instance maps, resizing, running the
-per-video work on a process pool, and writing the results through the one shard writer with a count.
+"""What every converter shares: reading source frames, painting instance maps (and keeping each object's
+own mask where objects overlap), resizing, running the per-video work on a process pool, and writing the
+results through the one shard writer with a count.
 
 A converter turns its dataset's annotations into picklable per-video tasks and a function that turns one
 task into a :class:`VideoResult` (the sample, or nothing, plus what it skipped and why). Unreadable
@@ -22,7 +23,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from lightning_desa2va.data.codec import encode_jpeg, encode_mask, image_size
+from lightning_desa2va.data.codec import centre_indices, encode_jpeg, encode_mask, image_size
 from lightning_desa2va.data.errors import SKIP_REASONS, ShardFormatError
 from lightning_desa2va.data.schema import Expression, ObjectTrack, VideoSample
 from lightning_desa2va.data.shards import SplitStats, update_manifest, write_split
@@ -71,7 +72,10 @@ class ConversionReport:
     frames: int = 0
     skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
     overlapping_pixels: int = 0
-    """Pixels covered by more than one source mask, given to the smaller object (one id per pixel)."""
+    """Pixels covered by more than one source mask: the id maps give them to the smaller object, the
+    samples' ``rle.json`` keeps each object's own mask."""
+    ground_truth: bool = True
+    """Whether the split has masks (false: published without them, converted for inference only)."""
     shards: list[Path] = field(default_factory=list)
 
 
@@ -141,42 +145,40 @@ def paint(masks: dict[int, np.ndarray], size: tuple[int, int]) -> tuple[np.ndarr
     return ids, int((coverage > 1).sum())
 
 
-def centre_indices(source: int, target: int) -> np.ndarray:
-    """Source rows (or columns) under the centres of ``target`` resized pixels (how image resizing maps
-    pixels, so the small masks stay aligned with the resized frames)."""
-    return np.minimum(((np.arange(target) + 0.5) * source / target).astype(np.int64), source - 1)
-
-
 def build_sample(
     video_id: str,
     frames: list[tuple[bytes, tuple[int, int]]],
-    id_maps: list[np.ndarray],
+    id_maps: list[np.ndarray] | None,
     objects: list[ObjectTrack],
     expressions: list[Expression],
     **extra: Any,
 ) -> VideoSample:
-    """A sample from frames read by :func:`read_frame` and instance maps at the original size; with
-    resized frames, the maps are stored at both sizes (nearest pixel centres for the small ones)."""
+    """A sample from frames read by :func:`read_frame` and instance maps at the original size (``None``:
+    a split without ground truth); with resized frames, the maps are stored at both sizes (nearest pixel
+    centres for the small ones). ``extra`` may carry ``object_rles`` where objects overlap."""
     original = frames[0][1]
-    for (_, size), id_map in zip(frames, id_maps, strict=True):
-        if size != original or id_map.shape != original:
+    for (_, size), id_map in zip(frames, id_maps or [None] * len(frames), strict=True):
+        shape = original if id_map is None else id_map.shape
+        if size != original or shape != original:
             raise ShardFormatError(
-                f"video {video_id!r}: a frame of {size} and mask of {id_map.shape}, first frame {original}",
+                f"video {video_id!r}: a frame of {size} and mask of {shape}, first frame {original}",
                 "size_mismatch",
             )
     size = image_size(frames[0][0])
     rows, cols = centre_indices(original[0], size[0]), centre_indices(original[1], size[1])
     resized = size != original
+    maps = id_maps or []
     return VideoSample(
         video_id,
         objects,
         expressions,
         [],
         frame_data=[data for data, _ in frames],
-        mask_data=[encode_mask(m[rows[:, None], cols[None, :]] if resized else m) for m in id_maps],
+        mask_data=[encode_mask(m[rows[:, None], cols[None, :]] if resized else m) for m in maps],
         size=size,
         original_size=original,
-        original_mask_data=[encode_mask(m) for m in id_maps] if resized else [],
+        original_mask_data=[encode_mask(m) for m in maps] if resized else [],
+        ground_truth=id_maps is not None,
         **extra,
     )
 
@@ -224,6 +226,7 @@ def convert(
         stats.num_expressions,
         stats.num_frames,
     )
+    report.ground_truth = stats.ground_truth
     entry = stats.entry(
         report.shards,
         source_split=report.source_split,

@@ -15,12 +15,15 @@ Layouts (``--root``)::
 
 An expression's objects are its ``obj_id`` (object ``k`` of a video is shard object ``k + 1``, ``0``
 being background; ``source_id`` keeps ``k``), each drawn from the RLEs of its ``anno_id``. A ReVOS
-expression without objects (nothing in the video matches it) is kept, with an empty target.
+expression without objects (nothing in the video matches it) is kept, with an empty target. Where objects
+overlap, every object's own mask is kept too (the sample's ``rle.json``). A split without ``mask_dict.json``
+(MeViS ``valid``, published without masks) becomes samples without ground truth, for ``desa2va submit``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from lightning_desa2va.data.codec import encode_rle
 from lightning_desa2va.data.converters.common import (
     Skip,
     VideoResult,
@@ -38,6 +42,8 @@ from lightning_desa2va.data.converters.common import (
 )
 from lightning_desa2va.data.errors import ShardFormatError
 from lightning_desa2va.data.schema import Expression, ObjectTrack
+
+log = logging.getLogger(__name__)
 
 FRAMES_DIR = "JPEGImages"
 FRAME_SUFFIX = ".jpg"
@@ -52,8 +58,9 @@ class RLEVideo:
     frame_names: list[str]
     expressions: list[dict[str, Any]]
     """``{"id", "exp", "obj_id", "anno_id"}`` as in ``meta_expressions.json``."""
-    masks: dict[str, list[Any] | None]
-    """anno_id → one RLE (or null) per frame; ``None`` when ``mask_dict.json`` lacks the annotation."""
+    masks: dict[str, list[Any] | None] | None
+    """anno_id → one RLE (or null) per frame; ``None`` when ``mask_dict.json`` lacks the annotation; the
+    whole dict ``None`` for a split published without masks."""
     expression_type: str
     max_size: int | None
     source: str
@@ -81,9 +88,9 @@ def tasks(
     videos = _load_json(meta_path, "expressions file (meta_expressions)").get("videos")
     if not isinstance(videos, dict):
         raise ShardFormatError(f"{meta_path}: no 'videos' object")
-    mask_dict = _load_json(
-        mask_path, "masks file (mask_dict.json; a split without public masks cannot be converted)"
-    )
+    mask_dict = _load_json(mask_path, "masks file (mask_dict.json)") if mask_path.is_file() else None
+    if mask_dict is None:
+        log.warning("no %s: converting %s without ground truth (for desa2va submit)", mask_path, split)
     out = []
     for video, entry in videos.items():
         expressions = [{"id": str(key), **value} for key, value in entry.get("expressions", {}).items()]
@@ -94,7 +101,7 @@ def tasks(
                 frame_dir=frame_dir / video,
                 frame_names=[str(name) for name in entry.get("frames", [])],
                 expressions=expressions,
-                masks={anno: mask_dict.get(anno) for anno in sorted(anno_ids)},
+                masks=None if mask_dict is None else {anno: mask_dict.get(anno) for anno in sorted(anno_ids)},
                 expression_type=expression_type,
                 max_size=max_size,
                 source=source,
@@ -146,6 +153,8 @@ def _expression(task: RLEVideo, entry: dict[str, Any], objects: dict[int, str]) 
 
 def convert_video(task: RLEVideo) -> VideoResult:
     """The sample of one MeViS / ReVOS video (frames read, RLEs painted into instance maps)."""
+    if task.masks is None:
+        return _without_ground_truth(task)
     skips: list[Skip] = []
     objects: dict[int, str] = {}
     expressions = []
@@ -163,16 +172,46 @@ def convert_video(task: RLEVideo) -> VideoResult:
         size = frames[0][1]
         per_object = {o + 1: task.masks[a] or [] for o, a in objects.items()}  # checked by _expression
         id_maps, overlaps = [], 0
+        own: dict[int, list[dict[str, Any] | None]] = {i: [] for i in per_object}
         for t, name in enumerate(task.frame_names):
             where = f"video {task.video!r}, frame {name!r}"
             masks = {i: decode_rle(rles[t], size, where) for i, rles in per_object.items()}
             id_map, overlap = paint(masks, size)
             id_maps.append(id_map)
             overlaps += overlap
+            for i, mask in masks.items():
+                own[i].append(encode_rle(mask))
         tracks = [ObjectTrack(id=o + 1, source_id=str(o)) for o in sorted(objects)]
         sample = build_sample(
-            task.video, frames, id_maps, tracks, expressions, frame_names=task.frame_names, source=task.source
+            task.video,
+            frames,
+            id_maps,
+            tracks,
+            expressions,
+            frame_names=task.frame_names,
+            source=task.source,
+            object_rles=own if overlaps else {},
         )
     except ShardFormatError as error:
         return VideoResult(None, [*skips, skip_of(error)])
     return VideoResult(sample, skips, overlaps)
+
+
+def _without_ground_truth(task: RLEVideo) -> VideoResult:
+    """A video of a split published without masks: its frames and expressions, no objects."""
+    expressions = [
+        Expression(str(entry["exp"]), [], task.expression_type, "", source_id=entry["id"])
+        for entry in task.expressions
+    ]
+    try:
+        frames = [
+            read_frame(task.frame_dir / f"{name}{FRAME_SUFFIX}", task.max_size) for name in task.frame_names
+        ]
+        if not frames:
+            raise ShardFormatError(f"video {task.video!r}: no frames listed", "frame_count_mismatch")
+        sample = build_sample(
+            task.video, frames, None, [], expressions, frame_names=task.frame_names, source=task.source
+        )
+    except ShardFormatError as error:
+        return VideoResult(None, [skip_of(error)])
+    return VideoResult(sample)

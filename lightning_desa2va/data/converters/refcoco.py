@@ -12,7 +12,8 @@ Layout (``--root``, refer's per-dataset folder)::
 
 The pickle is read by :class:`BuiltinsUnpickler`, which admits builtin containers and scalars only, so a
 doctored refs file cannot run code. Objects are the image's referred annotations, ids 1..N in ``ann_id``
-order (``source_id`` the ``ann_id``); the label of an expression is its object's COCO category.
+order (``source_id`` the ``ann_id``); the label of an expression is its object's COCO category. Where
+annotations overlap, each keeps its own mask too (the sample's ``rle.json``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from lightning_desa2va.data.codec import encode_rle
 from lightning_desa2va.data.converters.common import (
     Skip,
     VideoResult,
@@ -199,11 +201,20 @@ def convert_image(task: ImageTask) -> VideoResult:
         expressions.append(Expression(text, [local[ann_id]], task.expression_type, label, source_id=sent_id))
     if not expressions:
         return VideoResult(None, skips)
-    id_map, overlaps = paint({local[a]: m for a, m in masks.items() if a not in empty}, task.size)
+    own = {local[a]: m for a, m in masks.items() if a not in empty}
+    id_map, overlaps = paint(own, task.size)
     tracks = [ObjectTrack(id=local[a], source_id=str(a)) for a in sorted(task.annotations) if a not in empty]
+    rles = {object_id: [encode_rle(mask)] for object_id, mask in own.items()} if overlaps else {}
     try:
         sample = build_sample(
-            video_id, [frame], [id_map], tracks, expressions, frame_names=[video_id], source=task.source
+            video_id,
+            [frame],
+            [id_map],
+            tracks,
+            expressions,
+            frame_names=[video_id],
+            source=task.source,
+            object_rles=rles,
         )
     except ShardFormatError as error:
         return VideoResult(None, [*skips, skip_of(error)])

@@ -13,12 +13,15 @@ Layout (``--root``; Ref-DAVIS17 as ReferFormer's preparation script lays it out)
 
 Frame names are the listed ones, not a contiguous range (Ref-YouTube-VOS keeps every fifth frame). Every
 object of the annotations is kept with its own id (``source_id`` the same); an expression names one. The
-category of ``meta.json``, when there, is the expression's stage-1 label.
+category of ``meta.json``, when there, is the expression's stage-1 label. One id per pixel in the source, so
+objects never overlap. A split without ``Annotations`` (Ref-YouTube-VOS ``valid``, published without masks)
+becomes samples without ground truth, for ``desa2va submit``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,8 @@ from lightning_desa2va.data.converters.common import (
 from lightning_desa2va.data.errors import ShardFormatError
 from lightning_desa2va.data.schema import Expression, ObjectTrack
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class PaletteVideo:
@@ -44,7 +49,8 @@ class PaletteVideo:
 
     video: str
     frame_dir: Path
-    annotation_dir: Path
+    annotation_dir: Path | None
+    """``None`` for a split published without masks."""
     frame_names: list[str]
     expressions: list[dict[str, Any]]
     """``{"id", "exp", "obj_id"}`` as in ``meta_expressions.json``."""
@@ -66,14 +72,14 @@ def tasks(
         raise ShardFormatError(f"{meta_path}: no 'videos' object")
     annotations = root / split / "Annotations"
     if not annotations.is_dir():
-        raise FileNotFoundError(f"no Annotations folder at {annotations}: the split has no public masks")
+        log.warning("no %s: converting %s without ground truth (for desa2va submit)", annotations, split)
     objects_path = root / split / "meta.json"
     objects = json.loads(objects_path.read_text()).get("videos", {}) if objects_path.is_file() else {}
     return [
         PaletteVideo(
             video=video,
             frame_dir=root / split / "JPEGImages" / video,
-            annotation_dir=annotations / video,
+            annotation_dir=annotations / video if annotations.is_dir() else None,
             frame_names=[str(name) for name in entry.get("frames", [])],
             expressions=[{"id": str(key), **value} for key, value in entry.get("expressions", {}).items()],
             categories={
@@ -95,6 +101,8 @@ def convert_video(task: PaletteVideo) -> VideoResult:
         if not task.frame_names:
             raise ShardFormatError(f"video {task.video!r}: no frames listed", "frame_count_mismatch")
         frames = [read_frame(task.frame_dir / f"{name}.jpg", task.max_size) for name in task.frame_names]
+        if task.annotation_dir is None:
+            return _without_ground_truth(task, frames)
         id_maps = [read_id_png(task.annotation_dir / f"{name}.png") for name in task.frame_names]
     except ShardFormatError as error:
         return VideoResult(None, [skip_of(error)])
@@ -128,3 +136,15 @@ def convert_video(task: PaletteVideo) -> VideoResult:
     except ShardFormatError as error:
         return VideoResult(None, [*skips, skip_of(error)])
     return VideoResult(sample, skips)
+
+
+def _without_ground_truth(task: PaletteVideo, frames: list[tuple[bytes, tuple[int, int]]]) -> VideoResult:
+    """A video of a split published without masks: its frames and expressions, no objects."""
+    expressions = [
+        Expression(str(entry["exp"]), [], task.expression_type, "", source_id=entry["id"])
+        for entry in task.expressions
+    ]
+    sample = build_sample(
+        task.video, frames, None, [], expressions, frame_names=task.frame_names, source=task.source
+    )
+    return VideoResult(sample)
