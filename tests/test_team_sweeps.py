@@ -99,7 +99,8 @@ def test_three_machines_share_a_postgresql_study_and_an_mlflow_server_through_a_
 
     trials = optuna.load_study(study_name=STUDY, storage=storage).get_trials()
     states = [trial.state for trial in trials]
-    assert states.count(TrialState.COMPLETE) == len(space["decoupler"]["choices"])
+    shown = [(t.number, t.state.name, t.params, t.system_attrs, t.user_attrs.get("worker")) for t in trials]
+    assert states.count(TrialState.COMPLETE) == len(space["decoupler"]["choices"]), shown
     (dead,) = [trial for trial in trials if trial.state == TrialState.FAIL]
     (retry,) = [trial for trial in trials if trial.system_attrs.get("failed_trial") == dead.number]
     assert retry.state == TrialState.COMPLETE and retry.params == dead.params
