@@ -37,6 +37,7 @@ class VLMOutput:
 
     seg_hidden: Tensor  # [B, d] last-layer hidden state at the first [SEG] token of each sequence
     lm_loss: Tensor | None  # next-token loss on the answer tokens, when labels were given
+    logits: Tensor | None = None  # [B, L, V] next-token logits of the same pass (QA scoring reads them)
 
 
 class SegTokenVLM(nn.Module):
@@ -81,7 +82,8 @@ class SegTokenVLM(nn.Module):
             output_hidden_states=True,
             **self.vision_inputs(input_ids, pixel_values),
         )
-        return VLMOutput(seg_hidden=self._seg_states(input_ids, out.hidden_states[-1]), lm_loss=out.loss)
+        seg_hidden = self._seg_states(input_ids, out.hidden_states[-1])
+        return VLMOutput(seg_hidden=seg_hidden, lm_loss=out.loss, logits=out.logits)
 
     def vision_inputs(self, input_ids: Tensor, pixel_values: Tensor | None) -> dict[str, Tensor | None]:
         """The image arguments of the wrapped model's forward for frames [B * T, 3, s, s]: InternVL takes

@@ -107,24 +107,27 @@ class DecoupledFinetuneStage(SegmentationStage):
         scores["diag"].update(
             result.output.embeddings.text, result.output.embeddings.visual, result.output.gate, types
         )
-        self.score_qa(batch, scores["qa"])
+        whole_conversation = len(result.key_frames) == batch["frames"].shape[1]
+        self.score_qa(batch, scores["qa"], result.output.vlm_logits if whole_conversation else None)
         return result.logits
 
-    def score_qa(self, batch: dict[str, Any], metric: PerTypeMean) -> None:
+    def score_qa(self, batch: dict[str, Any], metric: PerTypeMean, logits: Tensor | None = None) -> None:
         """Exact match of every QA answer after the ``[SEG]`` answer, under teacher forcing: all its tokens
-        (end of turn included) argmax-correct, which is what greedy decoding would answer. One more VLM
-        pass, for its logits (the segmentation pass reads only the ``[SEG]`` state)."""
+        (end of turn included) argmax-correct, which is what greedy decoding would answer. ``logits``: the
+        VLM's on the batch's whole conversation, from the segmentation pass when it saw every frame; else
+        one more VLM pass."""
         labels = batch["labels"]
         if max(len(spans) for spans in answer_spans(labels != IGNORE_INDEX)) <= SEGMENTATION_ANSWERS:
             return  # no QA turn in the batch (data.chat.max_qa_turns = 0 or clips without QA pairs)
-        vlm = self.model.vlm
-        output = vlm.model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            **vlm.vision_inputs(batch["input_ids"], batch["vlm_pixels"].flatten(0, 1)),
-        )
+        if logits is None:
+            vlm = self.model.vlm
+            logits = vlm.model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                **vlm.vision_inputs(batch["input_ids"], batch["vlm_pixels"].flatten(0, 1)),
+            ).logits
         hits, types = [], []
-        for row, answers in enumerate(score_answers(output.logits, labels).answers):
+        for row, answers in enumerate(score_answers(logits, labels).answers):
             qa_answers = answers[SEGMENTATION_ANSWERS:]
             hits += qa_answers
             types += [batch["expression_type"][row]] * len(qa_answers)
