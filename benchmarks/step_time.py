@@ -4,7 +4,8 @@ Both variants train stage 2 on the same fixed batches of the synthetic benchmark
 (the project's addition, on in both arms). Steps alternate (control, DeSa2VA, control, ...), so load from
 other jobs falls on both alike; the figure that matters is the ratio of the median step times (decoupled /
 control), which holds across machines better than seconds do. ``--profile`` adds torch.profiler's view of a
-few steps of each arm: the wall time of each part of the model and the costliest operators.
+few training steps and validation batches of each arm: the wall time of each part of the model and the
+costliest operators.
 
     .venv/bin/python benchmarks/step_time.py [--data-dir data/shapes] [--steps 20] [--profile]
 """
@@ -48,14 +49,17 @@ PROFILED_MODULES = (
     "motion_prompt",
 )
 """Parts of the model whose forward passes the profile times (``model.<name>``)."""
-PROFILED_METHODS = ("encode_frames", "decode", "sam.upsample")
-"""Model methods the profile times: SAM-2's image features, the mask decodes, the one upsampling."""
+PROFILED_METHODS = ("encode_frames", "sam.decode_prompts", "sam.upsample")
+"""Model methods the profile times (where the model has them): SAM-2's image features, the mask decoder
+calls, the upsampling of the masks."""
 PHASE_PREFIX = "step/"
 PART_PREFIX = "model."
 
 
 def build_step(overrides: list[str], data_dir: Path, steps: int, batch_size: int) -> Callable[[int], None]:
-    """A training step (forward, loss, backward, optimizer) of the variant on its ``index``-th fixed batch."""
+    """A training step (forward, loss, backward, optimizer) of the variant on its ``index``-th fixed batch;
+    ``step.evaluate()`` scores one validation batch as validation does (every frame of a video, each
+    of its expressions)."""
     cfg = compose_config(
         [
             *overrides,
@@ -82,7 +86,17 @@ def build_step(overrides: list[str], data_dir: Path, steps: int, batch_size: int
         with record_function(f"{PHASE_PREFIX}optimizer"):
             optimizer.step()
 
+    val_batch = next(iter(parts.datamodule.val_dataloader()))
+
+    @torch.no_grad()
+    def evaluate() -> None:
+        stage.eval()
+        with record_function(f"{PHASE_PREFIX}validation batch"):
+            stage.evaluation_logits(val_batch, "val")
+        stage.train()
+
     step.model = stage.model  # type: ignore[attr-defined]
+    step.evaluate = evaluate  # type: ignore[attr-defined]
     return step
 
 
@@ -124,7 +138,9 @@ def labelled_parts(model: nn.Module) -> Iterator[None]:
     for path in PROFILED_METHODS:
         owner_name, _, method = path.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
-        original = getattr(owner, method)
+        original = getattr(owner, method, None)
+        if original is None:
+            continue
 
         def timed(*args: Any, original: Callable = original, path: str = path, **kwargs: Any) -> Any:
             with record_function(f"{PART_PREFIX}{path}"):
@@ -141,20 +157,24 @@ def labelled_parts(model: nn.Module) -> Iterator[None]:
             delattr(owner, method)  # the instance attribute goes, the class's method shows again
 
 
-def profile_table(name: str, step: Callable[[int], None]) -> list[Table]:
-    """Per step: the wall time of each phase and part of the model, and the costliest operators (self)."""
+def profile_table(name: str, step: Callable[[int], None], evaluation: bool = False) -> list[Table]:
+    """Per step (training, or with ``evaluation`` a validation batch): the wall time of each phase and part
+    of the model, and the costliest operators (self time)."""
+    run = (lambda index: step.evaluate()) if evaluation else step  # type: ignore[attr-defined]
+    run(0)  # warm-up
     with labelled_parts(step.model), profile(activities=[ProfilerActivity.CPU]) as prof:  # type: ignore[attr-defined]
         for index in range(PROFILED_STEPS):
-            step(index)
+            run(index)
     events = prof.key_averages()
-    parts = Table(title=f"{name}: wall time per step (profiled, {PROFILED_STEPS} steps)")
+    what = "validation batch" if evaluation else "training step"
+    parts = Table(title=f"{name}: wall time per {what} (profiled, {PROFILED_STEPS} of them)")
     for column in ("phase or part", "ms / step", "calls / step"):
         parts.add_column(column)
     labelled = [e for e in events if e.key.startswith((PHASE_PREFIX, PART_PREFIX))]
     for event in sorted(labelled, key=lambda e: (not e.key.startswith(PHASE_PREFIX), -e.cpu_time_total)):
         calls = event.count / PROFILED_STEPS
         parts.add_row(event.key, f"{event.cpu_time_total / 1e3 / PROFILED_STEPS:.1f}", f"{calls:g}")
-    operators = Table(title=f"{name}: top operators by self time per step")
+    operators = Table(title=f"{name}: top operators by self time per {what}")
     for column in ("operator", "self ms / step", "calls / step"):
         operators.add_column(column)
     ranked = sorted(
@@ -196,8 +216,9 @@ def main() -> None:
     console = Console()
     if args.profile:
         for name, step in arms.items():
-            for table in profile_table(name, step):
-                console.print(table)
+            for evaluation in (False, True):
+                for table in profile_table(name, step, evaluation):
+                    console.print(table)
     times = dict(
         zip(arms, interleaved_times(list(arms.values()), args.steps, CLOCKS[args.clock]), strict=True)
     )
