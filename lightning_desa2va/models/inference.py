@@ -46,10 +46,13 @@ class InferenceProtocol(ABC):
         """The fused masks of every frame of the batch's clips."""
 
 
-def distinct_clips(frames: Tensor, video_ids: Sequence[str]) -> tuple[Tensor, Tensor | None]:
+def distinct_clips(frames: Tensor, video_ids: Sequence[str] | None) -> tuple[Tensor, Tensor | None]:
     """Each distinct clip of a batch once [V, T, 3, H, W] and the clip every row reads [B] (``None`` when no
-    two rows share one). An evaluation batch holds the expressions of a video one row each, all with the
-    video's frames: the model encodes those once. Rows share a clip when their video and pixels agree."""
+    two rows share one, or the batch names no videos). An evaluation batch holds the expressions of a video
+    one row each, all with the video's frames: the model encodes those once. Rows share a clip when their
+    video and pixels agree."""
+    if video_ids is None:
+        return frames, None
     kept: list[int] = []
     index: list[int] = []
     for row, video in enumerate(video_ids):
@@ -71,7 +74,7 @@ class PerFrameInference(InferenceProtocol):
     """Every frame to the VLM, the fused mask decoded on every frame."""
 
     def __call__(self, model: DeSa2VA, batch: Mapping[str, Any]) -> Inference:
-        clips, clip_index = distinct_clips(batch["frames"], batch["video_id"])
+        clips, clip_index = distinct_clips(batch["frames"], batch.get("video_id"))
         output = model(
             clips,
             batch["vlm_pixels"],
@@ -137,7 +140,7 @@ class Sa2VAInference(InferenceProtocol):
             num_frames,
             keys,
         )
-        clips, clip_index = distinct_clips(frames, batch["video_id"])
+        clips, clip_index = distinct_clips(frames, batch.get("video_id"))
         output = model(
             clips[:, index],
             batch["vlm_pixels"][:, index],

@@ -49,7 +49,7 @@ class TextPretrainStage(SegmentationStage):
         hold every expression of a video with the same frames)."""
         frames, clip_index = batch["frames"], None
         if share_clips:
-            frames, clip_index = distinct_clips(frames, batch["video_id"])
+            frames, clip_index = distinct_clips(frames, batch.get("video_id"))
         return self.model.segment_text(
             frames,
             batch[f"{self.text_key}input_ids"],
