@@ -79,3 +79,22 @@ def test_batches_without_qa_turns_score_no_answers(make_model, make_batch, build
     with torch.no_grad():
         stage.score_qa(make_batch(model, EXPRESSIONS, num_frames=2), metric)
     assert not metric.update_called
+
+
+def test_evaluation_reads_the_qa_logits_off_the_segmentation_pass(stage_and_batch) -> None:
+    stage, batch = stage_and_batch
+    stage.eval()
+    vlm = stage.model.vlm.model
+    passes: list[int] = []
+    vlm.register_forward_hook(lambda *_: passes.append(1))
+    with torch.no_grad():
+        stage.evaluation_logits(batch, "val")
+        assert len(passes) == 1  # one VLM pass gives the [SEG] state and the QA answers' logits
+        reused = stage.inference(stage.model, batch).output.vlm_logits
+        separate = vlm(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["vlm_pixels"].flatten(0, 1),
+        ).logits
+    torch.testing.assert_close(reused, separate)
+    assert stage.scores["val"]["qa"].update_called

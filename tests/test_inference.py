@@ -215,3 +215,46 @@ def test_a_short_stage_2_evaluation_runs_under_each_protocol(
         scores, baseline = evaluate_checkpoint(cfg, checkpoint, "val")
     assert 0.0 <= scores["JF"] <= 1.0 and 0.0 < baseline["JF"] <= 1.0
     assert "diag/abs_cos_zt_zv" in scores  # the diagnostics read the protocol's own forward pass
+
+
+def one_video(batch: dict) -> dict:
+    """The batch's expressions all asked about clip 0 (as an evaluation batch holds a video's expressions)."""
+    shared = {key: batch[key][:1].expand_as(batch[key]).clone() for key in ("frames", "vlm_pixels")}
+    return {**batch, **shared, "video_id": ["video"] * len(batch["video_id"])}
+
+
+@pytest.mark.parametrize("name", ["per_frame", "sa2va"])
+def test_the_expressions_of_a_video_share_its_encoding_and_get_the_same_masks(
+    name, make_model, make_batch, build_stage
+) -> None:
+    _, stage = protocol_stage(make_model, build_stage, name, *PROTOCOLS[name])
+    model = stage.model.eval()
+    shared = one_video(make_batch(model, EXPRESSIONS, num_frames=NUM_FRAMES))
+    apart = {**shared, "video_id": ["one", "other"]}  # the same pixels, read as two videos
+    encoded: list[int] = []
+    model.sam.image_encoder.register_forward_hook(lambda module, args, out: encoded.append(len(args[0])))
+    with torch.no_grad():
+        together = stage.inference(model, shared)
+        encoded_together, encoded[:] = list(encoded), []
+        separately = stage.inference(model, apart)
+    # SAM-2 encodes the video's frames once for all its expressions (for sa2va: its key frames to decode,
+    # all its frames to track through), where two videos are encoded one by one
+    frames_encoded = {"per_frame": [NUM_FRAMES], "sa2va": [KEY_FRAMES, NUM_FRAMES]}[name]
+    assert encoded_together == frames_encoded
+    assert encoded == [count * len(EXPRESSIONS) for count in frames_encoded]
+    torch.testing.assert_close(together.logits, separately.logits)
+    assert not torch.allclose(together.logits[0], together.logits[1])  # each expression its own mask
+
+
+def test_stage_1_evaluation_encodes_a_video_once_for_all_its_expressions(
+    make_model, make_batch, build_stage
+) -> None:
+    cfg, model = make_model("stage=text_pretrain", "stage.num_overlays=0")
+    stage = build_stage(cfg, model)
+    batch = one_video(make_batch(model, EXPRESSIONS, num_frames=NUM_FRAMES))
+    encoded: list[int] = []
+    model.sam.image_encoder.register_forward_hook(lambda module, args, out: encoded.append(len(args[0])))
+    with torch.no_grad():
+        shared = stage.predict_logits(batch)
+        assert encoded == [NUM_FRAMES]
+        torch.testing.assert_close(shared, stage.segment(batch).logits)

@@ -43,7 +43,8 @@ def test_forward_gives_every_mask_per_frame(model, batch) -> None:
         assert logits.shape == (B, T, size, size)
         assert torch.isfinite(logits).all()
     assert out.embeddings.text.shape == out.embeddings.visual.shape == (B, model.sam.prompt_dim)
-    assert out.gate is not None and out.gate.shape == (B, T, size, size)
+    # the fusion gates at the decoder's resolution, a quarter of the image's
+    assert out.gate is not None and out.gate.shape == (B, T, size // 4, size // 4)
     assert ((out.gate >= 0) & (out.gate <= 1)).all()
     assert out.lm_loss is not None and out.lm_loss.ndim == 0 and torch.isfinite(out.lm_loss)
     assert out.text_heatmap is None  # regressed points are not read from a heatmap

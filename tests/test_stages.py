@@ -102,7 +102,7 @@ def test_stage_1_reads_the_configured_ground_truth_text(
     batch = make_batch(model, [EXPRESSION], num_frames=1)
     read = {}
 
-    def record(frames, input_ids, attention_mask):
+    def record(frames, input_ids, attention_mask, clip_index=None):
         read.update(ids=input_ids, mask=attention_mask)
         return TextSegmentation(torch.zeros(1), None, torch.zeros(1))
 

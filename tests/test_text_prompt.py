@@ -92,7 +92,7 @@ def test_a_single_click_is_decoded_as_sam2_does_keeping_its_best_rated_candidate
             repeat_image=False,
             high_res_features=features.high_res_features,
         )
-    assert chosen.logits.shape == (2, 1, sam.image_size, sam.image_size)
+    assert chosen.logits.shape == (2, 1, sam.image_size // 4, sam.image_size // 4)  # the decoder's own
     assert candidate_ious.shape[1] > 1
     assert torch.allclose(chosen.iou[:, 0], candidate_ious.max(dim=1).values)
     assert GroundedPointTextPrompt(8, 8, num_points=1, hidden_dim=8).single_click

@@ -11,7 +11,7 @@ import torch
 
 from lightning_desa2va.diagnostics import principal_angle_cosines
 from lightning_desa2va.models.decoupler import OrthogonalDecoupler
-from lightning_desa2va.models.desa2va import FUSED_ONLY
+from lightning_desa2va.models.desa2va import FUSED_ONLY, Prompt
 
 EXPRESSIONS = ["the red circle", "the blue square"]
 NUM_FRAMES = 2
@@ -206,8 +206,9 @@ def test_evaluation_decodes_only_what_the_fusion_reads(make_model, make_batch) -
     inputs = [batch[key] for key in ("frames", "vlm_pixels", "input_ids", "attention_mask")]
     with torch.no_grad():
         output = model.eval()(*inputs, masks=FUSED_ONLY)
-    assert output.visual_logits is None
-    torch.testing.assert_close(output.fused_logits, output.text_logits)
+        every_mask = model(*inputs)
+    assert output.visual_logits is None and output.text_logits is None  # decoded for the fusion only
+    torch.testing.assert_close(output.fused_logits, every_mask.text_logits)
 
 
 def test_confidence_weights_follow_sam2_iou_predictions(make_model, make_batch) -> None:
@@ -218,7 +219,9 @@ def test_confidence_weights_follow_sam2_iou_predictions(make_model, make_batch) 
         out = model.eval()(*inputs)
     expected = torch.sigmoid((out.text_iou - out.visual_iou) / cfg.fusion.temperature)
     torch.testing.assert_close(out.gate, expected[..., None, None].expand_as(out.gate))
-    mixed = out.gate * out.text_logits + (1 - out.gate) * out.visual_logits
+    # one gate per frame: fusing at the decoder's resolution and then upsampling is fusing the upsampled
+    gate = out.gate[..., :1, :1]
+    mixed = gate * out.text_logits + (1 - gate) * out.visual_logits
     torch.testing.assert_close(out.fused_logits, mixed)
     # the better-rated mask counts more, frame by frame
     assert torch.equal(out.gate[..., 0, 0] > 0.5, out.text_iou > out.visual_iou)
@@ -256,3 +259,22 @@ def test_the_start_of_a_stage_reports_trainable_parameters_per_module(
 def test_orthogonal_decoupler_refuses_subspaces_that_do_not_fit() -> None:
     with pytest.raises(ValueError, match="decoupler.text_fraction=0.75"):
         OrthogonalDecoupler(in_dim=8, out_dim=8, text_fraction=0.75, visual_fraction=0.5)
+
+
+def test_prompt_sets_of_one_shape_share_one_decoder_call_and_decode_as_alone(make_model, make_batch):
+    _, model = make_model()
+    model.eval()
+    batch = make_batch(model, EXPRESSIONS, num_frames=NUM_FRAMES)
+    rows = len(EXPRESSIONS) * NUM_FRAMES
+    generator = torch.Generator().manual_seed(0)
+    sets = {name: torch.randn(rows, 2, model.sam.prompt_dim, generator=generator) for name in "abc"}
+    with torch.no_grad():
+        features = model.encode_frames(batch["frames"])
+        prompts = {"a": Prompt(sets["a"]), "b": Prompt(sets["b"]), "c": Prompt(sets["c"][:, :1])}
+        calls = count_decodes(model, lambda: model.decode(features, prompts))
+        together = model.decode(features, prompts)
+        alone = {name: model.decode(features, {name: prompt})[name] for name, prompt in prompts.items()}
+    assert calls == [2 * rows, rows]  # a and b (two tokens each) in one call, c (one token) in its own
+    for name in prompts:
+        torch.testing.assert_close(together[name].logits, alone[name].logits)
+        torch.testing.assert_close(together[name].iou, alone[name].iou)

@@ -5,9 +5,10 @@ M_f = g·M_t + (1 − g)·M_v on mask logits, and they differ in where g comes f
 ``visual`` g = 0, ``mean`` g = ½), one learned number (``learned``), SAM-2's own IoU predictions
 (``confidence``), or a prediction per sample and pixel (``dynamic``, DeSa2VA's dynamic fusion). ``max``
 takes the larger logit per pixel, which is the gate g = [M_t ≥ M_v]. With ``decoupler=none``, ``visual``
-is the Sa2VA baseline. Masks arrive as :class:`MaskPrediction` rows, one per frame (logits [N, 1, H, W],
-SAM-2's IoU estimate [N, 1]); a fusion says which of the two it reads (``reads_text``, ``reads_visual``),
-so the model decodes only those.
+is the Sa2VA baseline. Masks arrive as :class:`MaskPrediction` rows, one per frame (logits [N, 1, h, w] at
+the mask decoder's resolution, a quarter of the image's; SAM-2's IoU estimate [N, 1]): fusing there and
+upsampling the fused mask once costs a sixteenth of fusing at the image's resolution. A fusion says which
+of the two masks it reads (``reads_text``, ``reads_visual``), so the model decodes only those.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from lightning_desa2va.models.sam2 import MaskPrediction
 
 @dataclass
 class FusedMask:
-    """Fused mask logits [N, 1, H, W] and, when the fusion has one, the gate on the text mask (same shape)."""
+    """Fused mask logits [N, 1, h, w] and, when the fusion has one, the gate on the text mask (same shape)."""
 
     logits: Tensor
     gate: Tensor | None = None

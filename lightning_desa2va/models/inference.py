@@ -14,7 +14,7 @@ mask on every frame, wherever it is evaluated (validation, test, ``desa2va eval`
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -54,16 +54,43 @@ class InferenceProtocol(ABC):
         """The fused masks of every frame of the batch's clips."""
 
 
+def distinct_clips(frames: Tensor, video_ids: Sequence[str] | None) -> tuple[Tensor, Tensor | None]:
+    """Each distinct clip of a batch once [V, T, 3, H, W] and the clip every row reads [B] (``None`` when no
+    two rows share one, or the batch names no videos). An evaluation batch holds the expressions of a video
+    one row each, all with the video's frames: the model encodes those once. Rows share a clip when their
+    video and pixels agree."""
+    if video_ids is None:
+        return frames, None
+    kept: list[int] = []
+    index: list[int] = []
+    for row, video in enumerate(video_ids):
+        same = (
+            position
+            for position, first in enumerate(kept)
+            if video_ids[first] == video and torch.equal(frames[first], frames[row])
+        )
+        position = next(same, len(kept))
+        if position == len(kept):
+            kept.append(row)
+        index.append(position)
+    if len(kept) == len(index):
+        return frames, None
+    return frames[kept], torch.tensor(index, device=frames.device)
+
+
 class PerFrameInference(InferenceProtocol):
     """Every frame to the VLM, the fused mask decoded on every frame."""
 
     def __call__(self, model: DeSa2VA, batch: Mapping[str, Any]) -> Inference:
+        clips, clip_index = distinct_clips(batch["frames"], batch.get("video_id"))
         output = model(
-            batch["frames"],
+            clips,
             batch["vlm_pixels"],
             batch["input_ids"],
             batch["attention_mask"],
+            batch.get("labels"),  # the answers' tokens, for QA scoring off this pass (head on them alone)
             masks=FUSED_ONLY,
+            clip_index=clip_index,
         )
         assert output.fused_logits is not None  # FUSED_ONLY decodes it
         return Inference(output, output.fused_logits, list(range(batch["frames"].shape[1])))
@@ -124,14 +151,20 @@ class Sa2VAInference(InferenceProtocol):
             num_frames,
             keys,
         )
+        clips, clip_index = distinct_clips(frames, batch.get("video_id"))
         output = model(
-            frames[:, index], batch["vlm_pixels"][:, index], input_ids, attention_mask, masks=FUSED_ONLY
+            clips[:, index],
+            batch["vlm_pixels"][:, index],
+            input_ids,
+            attention_mask,
+            masks=FUSED_ONLY,
+            clip_index=clip_index,
         )
         assert output.fused_logits is not None  # FUSED_ONLY decodes it
         if len(keys) == num_frames:
             return Inference(output, output.fused_logits, keys)
         with tracking_with(model.sam, self.foundation_decoder):
-            logits = model.propagate(frames, keys, output.fused_logits)
+            logits = model.propagate(clips, keys, output.fused_logits, clip_index)
         return Inference(output, logits, keys)
 
 

@@ -46,7 +46,9 @@ class NoMotionPrompt(nn.Module):
     def __init__(self, in_dim: int, prompt_dim: int) -> None:
         super().__init__()
 
-    def forward(self, z_text: Tensor, clips: Tensor, features: FrameFeatures) -> MotionPromptOutput:
+    def forward(
+        self, z_text: Tensor, clips: Tensor, features: FrameFeatures, clip_index: Tensor | None = None
+    ) -> MotionPromptOutput:
         return MotionPromptOutput()
 
 
@@ -93,11 +95,17 @@ class FlowMatchPrompt(nn.Module):
         weight = stated.stated_logits.sigmoid().repeat_interleave(frames_per_clip)[:, None, None, None]
         return weight * (cells - expected).square().sum(dim=1, keepdim=True)
 
-    def forward(self, z_text: Tensor, clips: Tensor, features: FrameFeatures) -> MotionPromptOutput:
-        """``z_text`` [B, C], ``clips`` [B, T, 3, H, W], ``features`` of their B·T frames, clip by clip."""
+    def forward(
+        self, z_text: Tensor, clips: Tensor, features: FrameFeatures, clip_index: Tensor | None = None
+    ) -> MotionPromptOutput:
+        """``z_text`` [B, C], ``clips`` [V, T, 3, H, W], ``features`` of their V·T frames, clip by clip;
+        ``clip_index`` [B] the clip each row of ``z_text`` reads (``None``: row b reads clip b). A clip's
+        flow is computed once, however many rows read it."""
         embeddings = features.image_embeddings
         stated = self.stated_motion(z_text)
         flow = self.normal_flow(clips.to(embeddings.dtype), tuple(embeddings.shape[-2:]))
+        if clip_index is not None:
+            flow = flow.unflatten(0, clips.shape[:2])[clip_index].flatten(0, 1)
         embedding = self.embedding_scale * self.mismatch_embedding
         dense = self.mismatch(stated, flow) * embedding[None, :, None, None]
         return MotionPromptOutput(dense=dense, stated=stated)

@@ -56,9 +56,10 @@ class FrameFeatures:
 
 @dataclass
 class MaskPrediction:
-    """Mask logits at image resolution and SAM-2's own IoU estimate for them."""
+    """Mask logits at the mask decoder's resolution (a quarter of the image's) and SAM-2's own IoU estimate
+    for them; :meth:`LanguagePromptedSAM2.upsample` brings logits to the image's resolution."""
 
-    logits: Tensor  # [N, 1, image_size, image_size]
+    logits: Tensor  # [N, 1, image_size / 4, image_size / 4]
     iou: Tensor  # [N, 1]
 
 
@@ -145,14 +146,18 @@ class LanguagePromptedSAM2(SAM2Base):
         multimask: bool = False,
         dense_prompts: Tensor | None = None,
     ) -> MaskPrediction:
-        """Decode one mask per frame from sparse prompt embeddings [N, K, C].
+        """Decode one mask per row from sparse prompt embeddings [P·N, K, C]: P prompt sets for the N frames
+        of ``features``, set by set, all in one call of the mask decoder (each frame's features are shared
+        by its P prompts, not recomputed).
 
         ``dense_prompts`` [N, C, h, w] (e.g. the motion prompt) add to SAM-2's "no mask" dense embedding.
         ``multimask``: decode SAM-2's candidate masks and keep the one its IoU head rates best, as SAM-2
         itself does for a single click (its single-mask output is trained for unambiguous prompts only).
+        Logits stay at the decoder's resolution: callers upsample what they need, once.
         """
         num_frames = features.image_embeddings.shape[0]
-        if sparse_prompts.shape[0] != num_frames or sparse_prompts.shape[-1] != self.prompt_dim:
+        sets = sparse_prompts.shape[0] // num_frames
+        if sets * num_frames != sparse_prompts.shape[0] or sparse_prompts.shape[-1] != self.prompt_dim:
             raise ValueError(
                 f"sparse prompts of shape {tuple(sparse_prompts.shape)} do not fit {num_frames} frames "
                 f"and SAM-2 prompt width {self.prompt_dim}"
@@ -161,23 +166,33 @@ class LanguagePromptedSAM2(SAM2Base):
         dense = dense.expand(num_frames, -1, -1, -1)
         if dense_prompts is not None:
             dense = dense + dense_prompts.to(dense.dtype)
+
+        def per_row(maps: Tensor) -> Tensor:
+            return maps if sets == 1 else maps.repeat(sets, 1, 1, 1)
+
         low_res, iou, _, _ = self.sam_mask_decoder(
-            image_embeddings=features.image_embeddings,
+            image_embeddings=per_row(features.image_embeddings),
             image_pe=self.sam_prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse_prompts.to(features.image_embeddings.dtype),
-            dense_prompt_embeddings=dense,
+            dense_prompt_embeddings=per_row(dense),
             multimask_output=multimask,
             repeat_image=False,
-            high_res_features=features.high_res_features,
+            high_res_features=[per_row(level) for level in features.high_res_features],
         )
         if multimask:
             best = iou.argmax(dim=1, keepdim=True)
             low_res = low_res.gather(1, best[:, :, None, None].expand(-1, -1, *low_res.shape[-2:]))
             iou = iou.gather(1, best)
-        logits = F.interpolate(
-            low_res.float(), size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
-        )
-        return MaskPrediction(logits=logits, iou=iou.float())
+        return MaskPrediction(logits=low_res.float(), iou=iou.float())
+
+    def upsample(self, logits: Tensor) -> Tensor:
+        """Mask logits [N, M, h, w] at the image's resolution [N, M, image_size, image_size] (bilinear, as
+        SAM-2 upsamples its own masks), M masks a frame in one call (as N·M one-channel maps: on CPU the
+        backward pass of several channels at once is slower)."""
+        size = (self.image_size, self.image_size)
+        maps = logits.reshape(-1, 1, *logits.shape[-2:])
+        upsampled = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+        return upsampled.view(*logits.shape[:2], *size)
 
     def embed_points(self, coords: Tensor, labels: Tensor) -> Tensor:
         """Encode point prompts (pixel coordinates [N, P, 2], labels [N, P]) with SAM-2's prompt encoder."""

@@ -49,6 +49,9 @@ class VLMOutput:
 
     seg_hidden: Tensor  # [B, d] last-layer hidden state at the first [SEG] token of each sequence
     lm_loss: Tensor | None  # next-token loss on the answer tokens, when labels were given
+    answers: Tensor | None = (
+        None  # [B, L - 1] the head's argmax where the next token is labelled (QA scoring)
+    )
 
 
 class SegTokenVLM(nn.Module):
@@ -87,14 +90,18 @@ class SegTokenVLM(nn.Module):
     ) -> VLMOutput:
         """Run the VLM; ``pixel_values`` are [B * T, 3, s, s] frames matching the image tokens.
 
-        The LM loss is the mean next-token cross-entropy over the labelled tokens (transformers' causal-LM
-        loss), with the head run on those positions alone."""
+        With ``labels``, the head runs on the labelled positions alone: the LM loss is the mean next-token
+        cross-entropy over them (transformers' causal-LM loss), and ``answers`` its teacher-forced argmax
+        there (what QA exact match reads, with no second pass and no vocabulary-wide logits elsewhere)."""
         hidden = self.hidden_states(input_ids, attention_mask, pixel_values)
-        lm_loss = None
-        if labels is not None:
-            inputs, targets = self._labelled(hidden, labels)
-            lm_loss = F.cross_entropy(self.model.get_output_embeddings()(inputs).float(), targets)
-        return VLMOutput(seg_hidden=self._seg_states(input_ids, hidden), lm_loss=lm_loss)
+        if labels is None:
+            return VLMOutput(seg_hidden=self._seg_states(input_ids, hidden), lm_loss=None)
+        inputs, targets = self._labelled(hidden, labels)
+        head = self.model.get_output_embeddings()(inputs)
+        answers = torch.full_like(labels[:, 1:], IGNORE_INDEX)
+        answers[labels[:, 1:] != IGNORE_INDEX] = head.argmax(-1)
+        lm_loss = F.cross_entropy(head.float(), targets)
+        return VLMOutput(seg_hidden=self._seg_states(input_ids, hidden), lm_loss=lm_loss, answers=answers)
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None) -> Tensor:
         """Last-layer hidden states [B, L, d] of the base model (no output head)."""
@@ -109,11 +116,9 @@ class SegTokenVLM(nn.Module):
     ) -> Tensor:
         """Teacher-forced argmax token [B, L - 1] at every position whose next token is labelled (the
         head's vocabulary-wide logits on those positions only); ``IGNORE_INDEX`` elsewhere."""
-        hidden = self.hidden_states(input_ids, attention_mask, pixel_values)
-        inputs, _ = self._labelled(hidden, labels)
-        predicted = torch.full_like(labels[:, 1:], IGNORE_INDEX)
-        predicted[labels[:, 1:] != IGNORE_INDEX] = self.model.get_output_embeddings()(inputs).argmax(-1)
-        return predicted
+        answers = self(input_ids, attention_mask, pixel_values, labels).answers
+        assert answers is not None  # labels were given
+        return answers
 
     @staticmethod
     def _labelled(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:

@@ -97,23 +97,25 @@ class DecoupledFinetuneStage(SegmentationStage):
         scores["diag"].update(
             result.output.embeddings.text, result.output.embeddings.visual, result.output.gate, types
         )
-        self.score_qa(batch, scores["qa"])
+        whole_conversation = len(result.key_frames) == batch["frames"].shape[1]
+        self.score_qa(batch, scores["qa"], result.output.vlm_answers if whole_conversation else None)
         return result.logits
 
-    def score_qa(self, batch: dict[str, Any], metric: PerTypeMean) -> None:
+    def score_qa(self, batch: dict[str, Any], metric: PerTypeMean, answers: Tensor | None = None) -> None:
         """Exact match of every QA answer after the ``[SEG]`` answer, under teacher forcing: all its tokens
-        (end of turn included) argmax-correct, which is what greedy decoding would answer. One more VLM
-        pass, for the head's answers on the labelled positions (the segmentation pass reads only the
-        ``[SEG]`` state)."""
+        (end of turn included) argmax-correct, which is what greedy decoding would answer. ``answers``: the
+        head's argmax on the labelled positions from the segmentation pass, when the VLM saw the whole
+        conversation; else one more VLM pass."""
         labels = batch["labels"]
         if max(len(spans) for spans in answer_spans(labels != IGNORE_INDEX)) <= SEGMENTATION_ANSWERS:
             return  # no QA turn in the batch (data.chat.max_qa_turns = 0 or clips without QA pairs)
-        predicted = self.model.vlm.answer_tokens(
-            batch["input_ids"], batch["attention_mask"], batch["vlm_pixels"].flatten(0, 1), labels
-        )
+        if answers is None:
+            answers = self.model.vlm.answer_tokens(
+                batch["input_ids"], batch["attention_mask"], batch["vlm_pixels"].flatten(0, 1), labels
+            )
         hits, types = [], []
-        for row, answers in enumerate(score_predictions(predicted, labels).answers):
-            qa_answers = answers[SEGMENTATION_ANSWERS:]
+        for row, answered in enumerate(score_predictions(answers, labels).answers):
+            qa_answers = answered[SEGMENTATION_ANSWERS:]
             hits += qa_answers
             types += [batch["expression_type"][row]] * len(qa_answers)
         if hits:

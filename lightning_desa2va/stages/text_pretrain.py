@@ -14,6 +14,7 @@ from torch import Tensor
 
 from lightning_desa2va.losses import TripleSupervisionLoss
 from lightning_desa2va.models.desa2va import DeSa2VA, TextSegmentation
+from lightning_desa2va.models.inference import distinct_clips
 from lightning_desa2va.stages.base import Optimizer, SegmentationStage
 
 TEXT_KEYS = {"label": "label_", "expression": "expression_label_"}
@@ -43,13 +44,21 @@ class TextPretrainStage(SegmentationStage):
         self.text_key = TEXT_KEYS[text]
         self.select_trainable()
 
-    def segment(self, batch: dict[str, Any]) -> TextSegmentation:
+    def segment(self, batch: dict[str, Any], share_clips: bool = False) -> TextSegmentation:
+        """The text masks of a batch; ``share_clips``: encode each distinct clip once (evaluation batches
+        hold every expression of a video with the same frames)."""
+        frames, clip_index = batch["frames"], None
+        if share_clips:
+            frames, clip_index = distinct_clips(frames, batch.get("video_id"))
         return self.model.segment_text(
-            batch["frames"], batch[f"{self.text_key}input_ids"], batch[f"{self.text_key}attention_mask"]
+            frames,
+            batch[f"{self.text_key}input_ids"],
+            batch[f"{self.text_key}attention_mask"],
+            clip_index,
         )
 
     def predict_logits(self, batch: dict[str, Any]) -> Tensor:
-        return self.segment(batch).logits
+        return self.segment(batch, share_clips=True).logits
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         output = self.segment(batch)
