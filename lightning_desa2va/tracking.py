@@ -12,6 +12,7 @@ from typing import Any
 from filelock import FileLock
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
@@ -34,6 +35,18 @@ def ensure_tracking_store(tracking_uri: str) -> None:
     database.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{database}{STORE_LOCK_SUFFIX}"):
         MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
+
+
+def set_experiment_tag(client: MlflowClient, experiment_id: str, key: str, value: str) -> None:
+    """Set an experiment tag unless it already has ``value``; a team's processes tagging the same experiment
+    at once race to insert it, and the loser finds the winner's value."""
+    if client.get_experiment(experiment_id).tags.get(key) == value:
+        return
+    try:
+        client.set_experiment_tag(experiment_id, key, value)
+    except MlflowException:
+        if client.get_experiment(experiment_id).tags.get(key) != value:
+            raise
 
 
 class RunLogger(MLFlowLogger):
@@ -113,6 +126,6 @@ def tag_run(logger: Logger | None, cfg: DictConfig) -> None:
     if not isinstance(logger, MLFlowLogger):
         return
     client = logger.experiment
-    client.set_experiment_tag(logger.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    set_experiment_tag(client, logger.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
     for key, value in {"experiment": cfg.run.experiment, **cfg.run.choices}.items():
         client.set_tag(logger.run_id, key, str(value))

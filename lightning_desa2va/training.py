@@ -6,16 +6,16 @@ test) beside the union-of-objects baseline, all logged to the run. How an attemp
 
 - finished: ``run.json`` says so and holds the scores (a pipeline reuses a finished stage as it is);
 - stopped by SIGTERM / SIGINT: ``last.ckpt`` at the signal's step, the run interrupted (MLflow: KILLED);
-- failed before writing a checkpoint: a new run leaves no folder and no MLflow run behind, a resumed one is
-  left as it was before the attempt (a finished run stays FINISHED);
-- failed later: the run failed (MLflow: FAILED), its last checkpoint there to resume from.
+- failed before training a step (a bad shard, a NaN loss at the first step): a new run leaves no folder and
+  no MLflow run behind, a resumed one is left as it was before the attempt (a finished run stays FINISHED);
+- failed or stopped (a pruned sweep trial) later: the run failed (MLflow: FAILED), its last checkpoint there
+  to resume from.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -119,9 +119,10 @@ def train_stage(
     parts.datamodule.require_splits(TRAIN, VAL, *([TEST] if score_test else []))
     logger = build_logger(cfg, resume.record.mlflow_run_id if resume else None, run_name, tags or {})
     trainer = build_trainer(cfg, logger or False, callbacks)
-    attempt = (
-        stage_attempt(cfg, logger, resume, tags or {}) if trainer.is_global_zero else other_rank(cfg, resume)
-    )
+    if trainer.is_global_zero:
+        attempt = stage_attempt(cfg, logger, resume, tags or {}, lambda: trainer.global_step)
+    else:
+        attempt = other_rank(cfg, resume)
     with attempt as output_dir:
         if trainer.is_global_zero:  # other ranks checkpoint into rank 0's folder: Lightning broadcasts it
             point_checkpoints_at(trainer, output_dir / CHECKPOINTS_DIR)
@@ -167,15 +168,20 @@ def other_rank(cfg: DictConfig, resume: Resume | None) -> Iterator[Path]:
 
 @contextmanager
 def stage_attempt(
-    cfg: DictConfig, logger: Logger | None, resume: Resume | None, tags: dict[str, str]
+    cfg: DictConfig,
+    logger: Logger | None,
+    resume: Resume | None,
+    tags: dict[str, str],
+    step: Callable[[], int],
 ) -> Iterator[Path]:
     """The run's folder for one attempt, locked while it lasts; how the attempt ends is recorded (module
-    docstring), and an attempt that failed before writing a checkpoint changes nothing that was there."""
+    docstring), and an attempt that failed before ``step()`` (the trainer's) moved on changes nothing that
+    was there."""
     mlflow = logger if isinstance(logger, MLFlowLogger) else None
     run_id = mlflow.run_id if mlflow else None  # creates (or opens) the MLflow run
     output_dir = resume.run_dir if resume else new_run_dir(cfg, run_id)
     previous_status = mlflow.experiment.get_run(run_id).info.status if (mlflow and resume) else None
-    started = time.time()
+    first_step = resume.step if resume else 0
     outcome: str | None = None  # how the attempt ended, when it ended otherwise than finished
     try:
         with holding_lock(output_dir):
@@ -186,7 +192,7 @@ def stage_attempt(
                 outcome = INTERRUPTED
                 raise
             except BaseException:
-                outcome = FAILED if wrote_checkpoint(output_dir, started) else None
+                outcome = FAILED if step() > first_step else None
                 raise
     except BaseException:
         if outcome is None:
@@ -218,11 +224,6 @@ def open_attempt(
     tag_run(logger, cfg)
 
 
-def wrote_checkpoint(run_dir: Path, since: float) -> bool:
-    checkpoint = last_checkpoint(run_dir)
-    return checkpoint is not None and checkpoint.stat().st_mtime >= since
-
-
 def end_attempt(run_dir: Path, mlflow: MLFlowLogger | None, outcome: str) -> None:
     """Record an interrupted or failed attempt in ``run.json`` and MLflow (KILLED / FAILED)."""
     write_record(run_dir, replace(read_record(run_dir), status=outcome, ended=now()))
@@ -235,7 +236,7 @@ def end_attempt(run_dir: Path, mlflow: MLFlowLogger | None, outcome: str) -> Non
 def undo_attempt(
     run_dir: Path, mlflow: MLFlowLogger | None, resume: Resume | None, previous_status: str | None
 ) -> None:
-    """An attempt that failed before writing a checkpoint: a new run is removed (folder and MLflow run), a
+    """An attempt that failed before training a step: a new run is removed (folder and MLflow run), a
     resumed one gets back its record and MLflow status."""
     if resume is None:
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -31,6 +31,16 @@ TINY = [
     "logger.log_model=false",
 ]
 
+LONGER_TRIALS = [
+    *(override for override in TINY if not override.startswith("trainer.")),
+    "trainer.max_steps=12",
+    "trainer.val_check_interval=12",
+    "trainer.log_every_n_steps=1",
+    "trainer.callbacks.checkpoint.every_n_train_steps=4",
+]
+"""Trials long enough to be stopped (or killed) in their training, checkpointed on the way (a retry continues
+from the checkpoint)."""
+
 
 def write_spec(folder: Path, name: str, space: dict, **fields: object) -> Path:
     """A sweep spec over the tiny run; fast heartbeats so a dead trial is found stale within seconds."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import logging
 import multiprocessing
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +22,7 @@ from lightning_desa2va.cli import main
 from lightning_desa2va.config import compose_config
 from lightning_desa2va.errors import CheckpointError
 from lightning_desa2va.pipeline import ensure_synthetic_shards
+from lightning_desa2va.runs import FAILED, read_record
 from lightning_desa2va.tracking import ensure_tracking_store
 
 
@@ -63,19 +65,17 @@ def test_a_mistyped_value_stops_in_one_line_naming_its_key_and_range(capsys, ove
     assert expected in one_line_error(capsys, "train", override)
 
 
-def test_a_nan_loss_stops_in_one_line_and_leaves_no_run_when_nothing_was_saved(
+def test_a_nan_loss_stops_in_one_line_naming_the_step_the_term_and_the_videos(
     tmp_path: Path, in_scratch_folder, capsys
 ) -> None:
     with in_scratch_folder(tmp_path) as store:
         overrides = [*TINY_STAGE, "stage.optimizer.lr=1e30", "trainer.gradient_clip_val=0", store]
         ensure_synthetic_shards(compose_config(overrides))
         line = one_line_error(capsys, "train", *overrides)
-    assert "loss is nan" in line or "loss is inf" in line
-    assert "at step " in line and "on videos [" in line and "no checkpoint saved yet" in line
-    assert not list((tmp_path / "outputs").rglob("run.json"))
-    client = MlflowClient(tracking_uri=store.split("=", 1)[1])
-    experiment = client.get_experiment_by_name("desa2va")
-    assert client.search_runs([experiment.experiment_id]) == []  # deleted, not left FAILED
+    assert re.search(r"loss is (nan|inf) \(term \w+ = (nan|inf)\) at step [1-9]", line), line
+    assert "on videos [" in line and "no checkpoint saved yet" in line
+    (record,) = (tmp_path / "outputs").rglob("run.json")  # it trained a step: kept, failed, to look at
+    assert read_record(record.parent).status == FAILED
 
 
 def test_a_data_error_in_a_loader_worker_reaches_the_user_as_its_own_line(
@@ -89,6 +89,10 @@ def test_a_data_error_in_a_loader_worker_reaches_the_user_as_its_own_line(
         line = one_line_error(capsys, "train", *overrides)
     assert line.startswith(f"desa2va: error: shard {shard.relative_to(tmp_path)}: ") and "truncated" in line
     assert "DataLoader worker" not in line
+    assert not list((tmp_path / "outputs").rglob("run.json"))  # it failed before a step: nothing left
+    client = MlflowClient(tracking_uri=store.split("=", 1)[1])
+    experiment = client.get_experiment_by_name("desa2va")
+    assert client.search_runs([experiment.experiment_id]) == []  # deleted, not left FAILED
 
 
 def test_a_diverging_loss_is_warned_about_once(caplog: pytest.LogCaptureFixture) -> None:

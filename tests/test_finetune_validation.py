@@ -81,20 +81,19 @@ def test_batches_without_qa_turns_score_no_answers(make_model, make_batch, build
     assert not metric.update_called
 
 
-def test_evaluation_reads_the_qa_logits_off_the_segmentation_pass(stage_and_batch) -> None:
+def test_evaluation_reads_the_qa_answers_off_the_segmentation_pass(stage_and_batch) -> None:
     stage, batch = stage_and_batch
     stage.eval()
-    vlm = stage.model.vlm.model
+    vlm = stage.model.vlm
     passes: list[int] = []
-    vlm.register_forward_hook(lambda *_: passes.append(1))
+    hook = vlm.model.base_model.register_forward_hook(lambda *_: passes.append(1))
     with torch.no_grad():
         stage.evaluation_logits(batch, "val")
-        assert len(passes) == 1  # one VLM pass gives the [SEG] state and the QA answers' logits
-        reused = stage.inference(stage.model, batch).output.vlm_logits
-        separate = vlm(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            pixel_values=batch["vlm_pixels"].flatten(0, 1),
-        ).logits
-    torch.testing.assert_close(reused, separate)
+        assert len(passes) == 1  # one VLM pass gives the [SEG] state and the QA answers' tokens
+        hook.remove()
+        reused = stage.inference(stage.model, batch).output.vlm_answers
+        separate = vlm.answer_tokens(
+            batch["input_ids"], batch["attention_mask"], batch["vlm_pixels"].flatten(0, 1), batch["labels"]
+        )
+    assert torch.equal(reused, separate)
     assert stage.scores["val"]["qa"].update_called

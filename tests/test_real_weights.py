@@ -141,7 +141,10 @@ def test_real_recipes_compose_sa2va_values_and_stage_two_lora(experiment, folder
         assert cfg.run.choices.motion_prompt == "none" and cfg.loss.w_stated_motion == cfg.stage.w_motion == 0
         assert not cfg.logger.log_model
         # validation (counts batches) and checkpoints (count optimizer steps) fall on the same steps
-        accumulate, every = cfg.trainer.accumulate_grad_batches, cfg.trainer.callbacks[0].every_n_train_steps
+        accumulate, every = (
+            cfg.trainer.accumulate_grad_batches,
+            cfg.trainer.callbacks.checkpoint.every_n_train_steps,
+        )
         assert cfg.trainer.val_check_interval == accumulate * every and cfg.trainer.max_steps % every == 0
     assert "lora" not in text.stage
     assert (finetune.stage.lora.r, finetune.stage.lora.lora_alpha) == (128, 256)

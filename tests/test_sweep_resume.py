@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from optuna.trial import TrialState
-from sweep_runs import load_study, mlflow_runs, run_sweep_process, start_sweep, write_spec
+from sweep_runs import LONGER_TRIALS, load_study, mlflow_runs, run_sweep_process, start_sweep, write_spec
 
 from lightning_desa2va.runs import FINISHED, read_pipeline, read_record
 
@@ -64,7 +64,7 @@ def stop_in_trial(root: Path, spec: Path, number: int, signum: int, in_stage: bo
 
 def test_a_sweep_interrupted_or_killed_mid_trial_resumes_to_exactly_its_trials(tmp_path):
     space = {"decoupler": {"type": "categorical", "choices": ["linear", "orthogonal"]}}
-    spec = write_spec(tmp_path, "resume", space)
+    spec = write_spec(tmp_path, "resume", space, overrides=LONGER_TRIALS)
 
     assert stop_in_trial(tmp_path, spec, 0, signal.SIGINT, in_stage=True) == SIGINT_EXIT
     stage_run = Path(

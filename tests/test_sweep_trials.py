@@ -16,14 +16,15 @@ from lightning_desa2va.tuning.spec import load_spec
 from lightning_desa2va.tuning.sweep import run_sweep
 
 LR = "stage.optimizer.lr"
+HUGE = 1.0e30
 
 
 @pytest.fixture(scope="module")
 def failed_and_pruned(tmp_path_factory: pytest.TempPathFactory, in_scratch_folder):
-    """Two grid trials: a negative learning rate (AdamW raises) and one a threshold pruner stops at its first
-    validation (J&F is never above 2)."""
+    """Two grid trials: an enormous learning rate (the loss is NaN by the second step) and one a threshold
+    pruner stops at its first validation (J&F is never above 2)."""
     root = tmp_path_factory.mktemp("trials")
-    space = {LR: {"type": "categorical", "choices": [3.0e-4, -1.0]}}  # the grid's seeded order: -1 first
+    space = {LR: {"type": "categorical", "choices": [3.0e-4, HUGE]}}
     spec = write_spec(root, "trials", space, pruner="threshold", pruner_options={"lower": 2.0})
     with in_scratch_folder(root) as store:
         result = run_sweep(load_spec(spec), [store], EXPERIMENTS)
@@ -34,7 +35,7 @@ def test_a_trial_that_raises_is_failed_and_the_study_goes_on(failed_and_pruned):
     root, result = failed_and_pruned
     trials = result.study.get_trials()
     assert [(trial.params[LR], trial.state) for trial in trials] == [
-        (-1.0, TrialState.FAIL),
+        (HUGE, TrialState.FAIL),
         (3.0e-4, TrialState.PRUNED),
     ]
     runs = {run.data.tags["sweep.trial"]: run for run in mlflow_runs(root, "trials", "trial")}
@@ -61,7 +62,7 @@ def test_runs_nest_study_trial_stage_and_are_named_by_what_varies(failed_and_pru
     assert parent.info.run_id == result.parent_run_id and parent.info.status == "FINISHED"
     assert parent.data.metrics["trials_fail"] == 1 and parent.data.metrics["trials_pruned"] == 1
     trials = mlflow_runs(root, "trials", "trial")
-    assert {run.info.run_name for run in trials} == {f"{LR}=-1", f"{LR}=0.0003"}
+    assert {run.info.run_name for run in trials} == {f"{LR}=1e+30", f"{LR}=0.0003"}
     for run in trials:
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert float(run.data.params[f"sweep/{LR}"]) == float(run.info.run_name.split("=")[1])
@@ -79,7 +80,7 @@ def test_runs_nest_study_trial_stage_and_are_named_by_what_varies(failed_and_pru
 
 
 def test_a_sweep_where_every_trial_failed_exits_with_an_error(tmp_path, in_scratch_folder):
-    spec = write_spec(tmp_path, "all_failed", {LR: {"type": "categorical", "choices": [-1.0]}})
+    spec = write_spec(tmp_path, "all_failed", {LR: {"type": "categorical", "choices": [HUGE]}})
     with in_scratch_folder(tmp_path) as store, pytest.raises(SystemExit) as stop:
         main(["--experiments-dir", str(EXPERIMENTS), "sweep", str(spec), store])
     assert str(stop.value.code).startswith("desa2va: error: study all_failed: no trial completed (1 failed")

@@ -18,7 +18,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
-from sweep_runs import EXPERIMENTS, TINY, start_sweep, write_spec
+from sweep_runs import EXPERIMENTS, LONGER_TRIALS, start_sweep, write_spec
 
 from lightning_desa2va.cli import main
 from lightning_desa2va.services import Services
@@ -28,15 +28,6 @@ MACHINES = 3
 POLL_S = 0.5
 WAIT_S = 900
 SHARED_FOLDER_MODE = 0o755  # the postgres user must reach the cluster (pytest's folders are private)
-LONGER_TRIALS = [
-    *(override for override in TINY if not override.startswith("trainer.")),
-    "trainer.max_steps=12",
-    "trainer.val_check_interval=12",
-    "trainer.log_every_n_steps=1",
-    "trainer.callbacks.checkpoint.every_n_train_steps=4",
-]
-"""Trials long enough for three machines to be in one at once, checkpointed on the way (the retry of the
-killed trial continues from the checkpoint)."""
 
 
 def free_port() -> int:

@@ -31,6 +31,7 @@ from lightning_desa2va.tracking import (
     MODEL_TRAINING_KIND,
     ensure_tracking_store,
     log_run_config,
+    set_experiment_tag,
     tag_run,
 )
 from lightning_desa2va.tuning.spec import describe
@@ -69,19 +70,20 @@ class StudyRuns:
         ensure_tracking_store(tracking_uri)
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.experiment_id = self._experiment_id(study_name)
-        self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
 
     def _experiment_id(self, name: str) -> str:
-        """The study's experiment, created if missing (by whichever process of a team is first)."""
+        """The study's experiment, created if missing (by whichever process of a team is first) with the
+        tag that opens it on the runs table."""
         experiment = self.client.get_experiment_by_name(name)
-        if experiment is not None:
-            return experiment.experiment_id
-        try:
-            return self.client.create_experiment(name)
-        except MlflowException as error:
-            if error.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-            return self.client.get_experiment_by_name(name).experiment_id
+        if experiment is None:
+            try:
+                return self.client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
+            except MlflowException as error:
+                if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                experiment = self.client.get_experiment_by_name(name)
+        set_experiment_tag(self.client, experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+        return experiment.experiment_id
 
     def open_parent(self, study: optuna.Study, params: dict[str, Any], created: bool) -> str:
         """The study's parent run: created by the process that ``created`` the study, continued when the

@@ -14,6 +14,7 @@ import json
 from typing import Any
 
 from lightning_desa2va.data.schema import EXPRESSION_TYPES
+from lightning_desa2va.tracking import set_experiment_tag
 from lightning_desa2va.tuning.mlflow_runs import (
     ROLE_TAG,
     STATE_TAG,
@@ -57,11 +58,10 @@ def view_state(spec: SweepSpec) -> dict[str, Any]:
 
 def save_view(runs: StudyRuns, spec: SweepSpec, address: str = UI_ADDRESS) -> str:
     """Write the comparison view on the study's experiment and return the URL that opens it."""
-    runs.client.set_experiment_tag(
-        runs.experiment_id, SHARED_VIEW_TAG + VIEW_KEY, json.dumps(view_state(spec))
-    )
+    state = json.dumps(view_state(spec))
+    set_experiment_tag(runs.client, runs.experiment_id, SHARED_VIEW_TAG + VIEW_KEY, state)
     path = (
         f"/#/experiments/{runs.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
     )
-    runs.client.set_experiment_tag(runs.experiment_id, VIEW_TAG, path)
+    set_experiment_tag(runs.client, runs.experiment_id, VIEW_TAG, path)
     return address + path

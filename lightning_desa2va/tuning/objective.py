@@ -16,7 +16,7 @@ import os
 import socket
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,6 +101,8 @@ class TrialObjective:
         """Each trial's pipeline records, by the number of the trial a retry retries, so that a trial
         re-queued after its worker died or was stopped continues from its checkpoints."""
         self.running: int | None = None  # the number of the trial this process is training, if any
+        self.on_start: Callable[[], None] | None = None
+        """Called as a trial begins (it exists in the storage by then): the study loop's start lock."""
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         values: dict[str, Any] = {}
@@ -120,6 +122,8 @@ class TrialObjective:
         return values
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
+        if self.on_start is not None:
+            self.on_start()
         values = self.suggest(trial)
         name = describe(values)
         overrides = merge_overrides(self.overrides, param_overrides(self.spec, values))

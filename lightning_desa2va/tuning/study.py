@@ -6,9 +6,11 @@ file (Optuna's JournalStorage, for several workers on a file system without a da
 heartbeat per running trial; a trial whose process died is failed on the next start and re-queued once
 (:class:`~lightning_desa2va.tuning.mlflow_runs.RetryStaleTrial`).
 
-Several workers share one study: each loop starts trials (Optuna's ``study.optimize`` with its
-``MaxTrialsCallback``) only while the finished and running trials fall short of ``n_trials``, so the study
-ends with that many finished trials however many workers run it. SIGINT and SIGTERM stop the loop cleanly.
+Several workers share one study: each loop starts a trial (Optuna's ``study.optimize``, one trial at a time)
+only while the finished and running trials fall short of ``n_trials`` or a retry waits, deciding and creating
+the trial under a lock the workers share (:mod:`~lightning_desa2va.tuning.start_lock`), so the study ends
+with exactly that many finished trials however many workers on however many machines run it. SIGINT and
+SIGTERM stop the loop cleanly.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from types import FrameType
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
-from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
@@ -36,13 +37,12 @@ from lightning_desa2va.errors import RunInterrupted
 from lightning_desa2va.tuning.mlflow_runs import RetryStaleTrial
 from lightning_desa2va.tuning.objective import TrialObjective
 from lightning_desa2va.tuning.spec import JOURNAL_SUFFIX, Pruner, Sampler, SweepSpec, grid_values
+from lightning_desa2va.tuning.start_lock import TrialStartLock
 
 log = logging.getLogger(__name__)
 
 SQLITE_TIMEOUT_S = 60  # how long a worker waits for another's write to the shared SQLite file
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
-"""What ``MaxTrialsCallback`` counts towards the limit: finished trials and those other workers run."""
 
 
 def heartbeats(url: str) -> bool:
@@ -126,7 +126,6 @@ class TrialCounts:
     failed: int  # failed for good: a dead trial that was re-queued counts through its retry
     running: int
     waiting: int
-    retried: int  # failed trials that were re-queued
 
     @property
     def finished(self) -> int:
@@ -148,7 +147,6 @@ def count_trials(study: optuna.Study) -> TrialCounts:
         count(TrialState.FAIL),
         count(TrialState.RUNNING),
         count(TrialState.WAITING),
-        len(retried),
     )
 
 
@@ -207,25 +205,38 @@ def work(
     n_trials: int,
     retry: RetryStaleTrial | None,
     callbacks: list[Callable[[optuna.Study, FrozenTrial], None]],
+    lock: TrialStartLock,
 ) -> None:
     """Run trials until the study holds ``n_trials`` finished ones (a failed trial that was re-queued counts
     through its retry): Optuna's ``fail_stale_trials`` fails dead workers' trials (re-queued by ``retry``),
-    and ``MaxTrialsCallback`` stops ``optimize`` once the finished and running trials reach the limit. A
-    trial that raises is failed and the next one starts; SIGINT / SIGTERM stop the whole study, the running
-    trial failed and re-queued as a dead worker's is, and :class:`RunInterrupted` goes on up."""
+    and a trial starts only while the study needs one, decided and created under ``lock`` (the objective
+    releases it as its trial begins). A trial that raises is failed and the next one starts; SIGINT /
+    SIGTERM stop the whole study, the running trial failed and re-queued as a dead worker's is, and
+    :class:`RunInterrupted` goes on up."""
+    objective.on_start = lock.release
     with stop_on_signals():
         try:
             while True:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    optuna.storages.fail_stale_trials(study)
-                counts = count_trials(study)
-                if counts.waiting or counts.finished + counts.running < n_trials:
-                    limit = MaxTrialsCallback(n_trials + counts.retried, states=COUNTED)
-                    study.optimize(
-                        objective, catch=(Exception,), callbacks=[*callbacks, limit], gc_after_trial=True
-                    )
-                elif counts.running and retry is not None:
+                lock.acquire()
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                        optuna.storages.fail_stale_trials(study)
+                    counts = count_trials(study)
+                    start = counts.waiting > 0 or counts.finished + counts.running < n_trials
+                    if start:
+                        study.optimize(
+                            objective,
+                            n_trials=1,
+                            catch=(Exception,),
+                            callbacks=callbacks,
+                            gc_after_trial=True,
+                        )
+                finally:
+                    lock.release()
+                if start:
+                    continue
+                if counts.running and retry is not None:
                     # another worker's trial, or a dead one whose heartbeat has not expired yet: wait and see
                     time.sleep(objective.spec.heartbeat_interval)
                 else:

@@ -46,6 +46,7 @@ from lightning_desa2va.tuning.spec import (
     storage_url,
     study_dir,
 )
+from lightning_desa2va.tuning.start_lock import TrialStartLock
 from lightning_desa2va.tuning.study import (
     StudyProgress,
     count_trials,
@@ -103,6 +104,9 @@ class _Setup:
         )
         return load_study(self.spec, storage), objective, retry
 
+    def start_lock(self) -> TrialStartLock:
+        return TrialStartLock(self.storage, self.spec.name)
+
 
 def run_sweep(
     spec: SweepSpec, cli_overrides: list[str], experiments_dir: Path | None = None, workers: int = 1
@@ -138,7 +142,7 @@ def run_sweep(
         with stop_on_signals():
             try:
                 if workers == 1:
-                    work(study, objective, setup.n_trials, retry, [progress.refresh])
+                    work(study, objective, setup.n_trials, retry, [progress.refresh], setup.start_lock())
                 else:
                     _run_workers(setup, workers, study, progress)
             finally:
@@ -228,7 +232,7 @@ def _worker(setup: _Setup) -> None:
     quiet_third_party_output()
     study, objective, retry = setup.open()
     try:
-        work(study, objective, setup.n_trials, retry, [])
+        work(study, objective, setup.n_trials, retry, [], setup.start_lock())
     except RunInterrupted as stop:
         sys.exit(stop.exit_code)
 
