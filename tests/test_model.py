@@ -164,9 +164,13 @@ def test_stage_1_trains_only_decoupler_text_prompt_and_mask_decoder(make_model, 
     trainable = {name for name, p in stage.model.named_parameters() if p.requires_grad}
     assert trainable
     assert all(name.startswith(trained_prefixes) for name in trainable), sorted(trainable)
+    unread = ("sam.sam_mask_decoder.iou_prediction_head.", "sam.sam_mask_decoder.pred_obj_score_head.")
     for prefix in ("text_prompt.", "sam.sam_mask_decoder.", "decoupler.to_text."):
-        owned = {n for n, _ in model.named_parameters() if n.startswith(prefix)}
+        owned = {n for n, _ in model.named_parameters() if n.startswith(prefix) and not n.startswith(unread)}
         assert owned and owned <= trainable, prefix
+    for prefix in (*unread, "decoupler.to_visual."):  # no stage-1 loss reads them: frozen
+        owned = {n for n, _ in model.named_parameters() if n.startswith(prefix)}
+        assert owned and not owned & trainable, prefix
     assert not any("lora_" in name for name, _ in model.named_parameters())  # no LoRA in stage 1
     optimised = {id(p) for group in stage.configure_optimizers().param_groups for p in group["params"]}
     assert optimised == {id(p) for p in model.parameters() if p.requires_grad}

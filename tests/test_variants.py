@@ -1,5 +1,6 @@
 """Every method variant trains through the real stage 2, and each shows what defines it: exact orthogonality,
-a falling soft penalty, masks decoded only when needed, confidence weights from SAM-2's IoU head."""
+a falling soft penalty, masks decoded only when needed, confidence weights from SAM-2's IoU head. Every
+stage trains only what its losses read, so plain DDP (no search for unused parameters) runs it."""
 
 from __future__ import annotations
 
@@ -32,6 +33,24 @@ VARIANT_RUNS = [
 ]
 
 
+# Stage 1, and stage 2 runs whose losses leave a head or branch unread (VARIANT_RUNS: every variant).
+STEP_RUNS = [
+    ("stage=text_pretrain",),
+    ("stage=text_pretrain", "decoupler=orthogonal", "text_prompt=tokens"),
+    ("stage=text_pretrain", "decoupler=mlp", "text_prompt=grounded_points", "motion_cue=normal_flow"),
+    ("stage=text_pretrain", "decoupler=none"),
+    ("stage=decoupled_finetune", "experiment=sa2va_baseline"),
+    ("stage=decoupled_finetune", "decoupler=linear", "fusion=visual", "loss.w_t=0", "motion_prompt=none"),
+    ("stage=decoupled_finetune", "fusion=confidence", "loss.w_f=0"),
+]
+
+
+def without_gradient(module: torch.nn.Module) -> list[str]:
+    """Trainable parameters that a backward pass left without a gradient: DDP with
+    ``find_unused_parameters=False`` fails on the step after one."""
+    return [name for name, p in module.named_parameters() if p.requires_grad and p.grad is None]
+
+
 def stage_2(make_model, build_stage, *overrides: str):
     cfg, model = make_model("stage=decoupled_finetune", "stage.num_overlays=0", *overrides)
     return cfg, model, build_stage(cfg, model)
@@ -40,7 +59,7 @@ def stage_2(make_model, build_stage, *overrides: str):
 @pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")
 @pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
 @pytest.mark.parametrize("overrides", VARIANT_RUNS, ids=[" ".join(run) for run in VARIANT_RUNS])
-def test_every_variant_trains_its_component_in_stage_2(
+def test_every_variant_trains_its_component_in_stage_2_and_every_trainable_parameter_gets_a_gradient(
     overrides, make_model, make_batch, build_stage, fit_on_batch, tmp_path
 ) -> None:
     _, model, stage = stage_2(make_model, build_stage, *overrides)
@@ -59,6 +78,19 @@ def test_every_variant_trains_its_component_in_stage_2(
     parameters = dict(model.named_parameters())
     frozen = [name for name, value in before.items() if torch.equal(parameters[name], value)]
     assert not frozen, f"{frozen} did not train"
+    assert not without_gradient(stage), "trainable but read by no loss"  # the last step's gradients
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)` but the `self.trainer` reference")
+@pytest.mark.parametrize("overrides", STEP_RUNS, ids=[" ".join(run) for run in STEP_RUNS])
+def test_one_step_leaves_no_trainable_parameter_without_a_gradient(
+    overrides, make_model, make_batch, build_stage
+) -> None:
+    cfg, model = make_model(*overrides, "stage.num_overlays=0")
+    stage = build_stage(cfg, model)
+    stage.training_step(make_batch(model, EXPRESSIONS, num_frames=NUM_FRAMES), 0).backward()
+    assert any(p.grad is not None for p in stage.parameters())
+    assert not without_gradient(stage), "trainable but read by no loss"
 
 
 @pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")
@@ -171,7 +203,7 @@ def test_sa2va_baseline_decodes_once_per_frame(make_model, make_batch, build_sta
         (("loss.w_f=0",), "fused_logits", "fusion"),
     ],
 )
-def test_a_zero_weight_skips_its_mask_and_leaves_its_head_without_gradient(
+def test_a_zero_weight_skips_its_mask_and_freezes_its_head(
     overrides, skipped, head, make_model, make_batch, build_stage
 ) -> None:
     _, model, stage = stage_2(make_model, build_stage, *overrides)
@@ -187,9 +219,8 @@ def test_a_zero_weight_skips_its_mask_and_leaves_its_head_without_gradient(
     assert getattr(output, skipped) is None
     assert len(decoded) == (1 if head != "fusion" else 2)  # the fusion itself decodes nothing
     parameters = list(getattr(model, head).parameters())
-    assert all(p.grad is None for p in parameters), f"{head} got a gradient"
-    if parameters:  # the head trains in stage 2, so only the zero weight kept the gradient away
-        assert all(p.requires_grad for p in parameters)
+    assert all(p.grad is None and not p.requires_grad for p in parameters), f"{head} trains"
+    assert not without_gradient(stage), "trainable but read by no loss"
 
 
 def test_zero_w_orth_skips_the_penalty(make_model, make_batch, build_stage, monkeypatch) -> None:
@@ -248,9 +279,11 @@ def test_the_start_of_a_stage_reports_trainable_parameters_per_module(
 
     decoupler = count(model.decoupler.parameters())
     assert rows["decoupler"] == [decoupler, decoupler]
-    decoder = count(model.sam.sam_mask_decoder.parameters())
-    assert rows["sam.sam_mask_decoder"] == [decoder, decoder]
-    assert rows["sam"] == [decoder, count(model.sam.parameters())]
+    decoder = model.sam.sam_mask_decoder
+    heads = [*decoder.iou_prediction_head.parameters(), *decoder.pred_obj_score_head.parameters()]
+    trained = count(p for p in decoder.parameters() if all(p is not head for head in heads))
+    assert rows["sam.sam_mask_decoder"] == [trained, count(decoder.parameters())]  # less the unread heads
+    assert rows["sam"] == [trained, count(model.sam.parameters())]
     lora = count(p for n, p in model.named_parameters() if "lora_" in n)
     assert rows["*lora_*"] == [lora, lora]
     assert rows["vlm"] == [lora, count(model.vlm.parameters())]

@@ -41,6 +41,10 @@ class Decoupler(nn.Module, ABC):
 
     #: Whether the decoupler has a regulariser of its own (``orthogonality_penalty``, weighed by w_orth).
     has_penalty: ClassVar[bool] = False
+    #: Submodules that z_t alone ("text") or z_v alone ("visual") reads: a stage that reads one embedding
+    #: freezes the other's branch (distributed training needs a gradient for every trainable parameter).
+    #: Empty where both embeddings come from the same maps.
+    branches: ClassVar[dict[str, tuple[str, ...]]] = {"text": (), "visual": ()}
 
     @abstractmethod
     def forward(self, seg_hidden: Tensor) -> SegEmbeddings: ...
@@ -105,6 +109,8 @@ def build_input_norm(kind: InputNorm, width: int) -> nn.Module:
 class LinearDecoupler(Decoupler):
     """DeSa2VA's linear decoupling: z_t = W_t ĥ + b_t, z_v = W_v ĥ + b_v (no constraint between them)."""
 
+    branches: ClassVar[dict[str, tuple[str, ...]]] = {"text": ("to_text",), "visual": ("to_visual",)}
+
     def __init__(self, in_dim: int, out_dim: int, input_norm: InputNorm = "none") -> None:
         super().__init__()
         self.norm = build_input_norm(input_norm, in_dim)
@@ -146,6 +152,8 @@ class OrthogonalDecoupler(Decoupler):
     direction of ĥ reaches both, whatever training does to Q, L_t and L_v.
     """
 
+    branches: ClassVar[dict[str, tuple[str, ...]]] = {"text": ("lift_text",), "visual": ("lift_visual",)}
+
     def __init__(
         self,
         in_dim: int,
@@ -180,6 +188,8 @@ class OrthogonalDecoupler(Decoupler):
 
 class MLPDecoupler(Decoupler):
     """Two MLPs: z_t = W_t2 GELU(W_t1 ĥ), z_v = W_v2 GELU(W_v1 ĥ) (hidden width ``hidden_dim``, default d)."""
+
+    branches: ClassVar[dict[str, tuple[str, ...]]] = {"text": ("to_text",), "visual": ("to_visual",)}
 
     def __init__(
         self, in_dim: int, out_dim: int, hidden_dim: int | None = None, input_norm: InputNorm = "none"

@@ -38,6 +38,10 @@ class Fusion(nn.Module, ABC):
 
     reads_text: ClassVar[bool] = True
     reads_visual: ClassVar[bool] = True
+    #: Whether the fused mask depends on SAM-2's IoU predictions (its IoU head trains only then).
+    reads_iou: ClassVar[bool] = False
+    #: Whether the fused mask depends on z_t and z_v themselves, beside the masks they prompted.
+    reads_embeddings: ClassVar[bool] = False
 
     @abstractmethod
     def forward(
@@ -123,6 +127,8 @@ class ConfidenceFusion(Fusion):
     when that trains the fused-mask loss also teaches it which of its two masks to trust.
     """
 
+    reads_iou: ClassVar[bool] = True
+
     def __init__(self, embed_dim: int, temperature: float) -> None:
         super().__init__()
         if temperature <= 0:
@@ -136,6 +142,8 @@ class ConfidenceFusion(Fusion):
 
 class DynamicFusion(Fusion):
     """Per-sample, per-pixel gate g = σ(conv([M_t, M_v]) + MLP([z_t, z_v])); M_f = g·M_t + (1-g)·M_v."""
+
+    reads_embeddings: ClassVar[bool] = True
 
     def __init__(self, embed_dim: int, hidden_channels: int, kernel_size: int) -> None:
         super().__init__()

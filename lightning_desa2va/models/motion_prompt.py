@@ -14,6 +14,7 @@ training finds a use). ``none`` adds nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +44,9 @@ class MotionPromptOutput:
 class NoMotionPrompt(nn.Module):
     """No motion prompt: the decoder sees the language prompts alone."""
 
+    #: Whether the prompt reads z_t (a stage whose masks do not need z_t then freezes its branch).
+    reads_text: ClassVar[bool] = False
+
     def __init__(self, in_dim: int, prompt_dim: int) -> None:
         super().__init__()
 
@@ -64,6 +68,8 @@ class FlowMatchPrompt(nn.Module):
     the learning rate a step, so without it the prompt stays small next to SAM-2's image embedding for a
     whole stage (norm 0.9 after 500 steps at 3e-4, against ~18 for an embedding cell).
     """
+
+    reads_text: ClassVar[bool] = True  # the stated direction comes from z_t
 
     def __init__(
         self,

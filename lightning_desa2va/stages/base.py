@@ -40,6 +40,10 @@ Optimizer = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 Scheduler = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 SPLITS = ("val", "test")
+OBJECT_SCORE_HEAD = "sam.sam_mask_decoder.pred_obj_score_head"
+"""SAM-2's head that says whether the object is in the frame: memory tracking reads it, no referring loss."""
+IOU_HEAD = "sam.sam_mask_decoder.iou_prediction_head"
+"""SAM-2's IoU estimate of each mask: read by a loss only through ``fusion=confidence``."""
 SCORE_PREFIXES = {"mask_share": "mask_share/", "diag": "diag/"}
 """Metrics (by their key in ``score_metrics``) whose results are logged under a prefix: ``val/diag/...``."""
 
@@ -69,8 +73,11 @@ class TrainingStage(pl.LightningModule):
         self.strict_loading = False
         self.run_overrides: list[str] = []  # the overrides that built the run, recorded in its checkpoints
 
-    def select_trainable(self, extra: Iterable[str] = ()) -> None:
-        """Freeze everything, then unfreeze the configured submodules and parameters named in ``extra``."""
+    def select_trainable(self, extra: Iterable[str] = (), unread: Iterable[str] = ()) -> None:
+        """Freeze everything, then unfreeze the configured submodules and parameters named in ``extra``,
+        except the submodules named in ``unread`` (e.g. :data:`IOU_HEAD` inside the mask decoder): what
+        no loss of the stage reads stays frozen, because DDP without its search for unused parameters
+        (``strategy=ddp``) needs a gradient for every trainable parameter at every step."""
         self.model.requires_grad_(False)
         for name in self.train_modules:
             try:
@@ -80,9 +87,12 @@ class TrainingStage(pl.LightningModule):
                     f"stage.train_modules names '{name}', which the model does not have"
                 ) from error
         self.trainable_extra = tuple(extra)
+        unread_prefixes = tuple(f"{module}." for module in unread)
         for name, parameter in self.model.named_parameters():
             if any(part in name for part in self.trainable_extra):
                 parameter.requires_grad_(True)
+            if name.startswith(unread_prefixes):
+                parameter.requires_grad_(False)
 
     def on_fit_start(self) -> None:
         """Report what trains when training starts (evaluating a checkpoint trains nothing)."""

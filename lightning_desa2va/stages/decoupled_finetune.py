@@ -28,7 +28,7 @@ from lightning_desa2va.metrics import PerTypeMean
 from lightning_desa2va.models.desa2va import DeSa2VA, DeSa2VAOutput, MaskRequest
 from lightning_desa2va.models.inference import InferenceProtocol, PerFrameInference
 from lightning_desa2va.stages.answers import answer_spans, score_predictions
-from lightning_desa2va.stages.base import Optimizer, SegmentationStage
+from lightning_desa2va.stages.base import IOU_HEAD, OBJECT_SCORE_HEAD, Optimizer, SegmentationStage
 from lightning_desa2va.stages.checkpoints import load_model_weights
 
 log = logging.getLogger(__name__)
@@ -61,14 +61,37 @@ class DecoupledFinetuneStage(SegmentationStage):
         model.sam.chunk_frames = self.inference.chunk_frames
         if init_from is not None:
             self.initialised_keys = load_model_weights(model, Path(init_from))
-        self.select_trainable(extra=() if lora is None else model.vlm.adapt(lora))
         self.uses_penalty = loss.uses_orth and model.decoupler.has_penalty
+        lora_parameters = () if lora is None else model.vlm.adapt(lora)
+        self.select_trainable(extra=lora_parameters, unread=self.unread_modules())
         if loss.uses_orth and not model.decoupler.has_penalty:
             log.warning(
                 "loss.w_orth=%s has no effect: %s defines no penalty (decoupler=linear_ortho does)",
                 loss.weights["orth"],
                 type(model.decoupler).__name__,
             )
+
+    def unread_modules(self) -> list[str]:
+        """What no loss term reads under this loss and fusion, left frozen: a prompt head whose mask is not
+        decoded (the Sa2VA control's text prompt), the fusion when the fused mask has no weight, a decoupler
+        branch whose embedding nothing reads, SAM-2's IoU head unless the fused mask is weighed by it
+        (``fusion=confidence``) and its object-score head (read by memory tracking, not by a loss)."""
+        request, fusion = self.loss.required_masks(), self.model.fusion
+        decode_text, decode_visual = request.decodes(fusion)
+        both = self.uses_penalty or (request.fused and fusion.reads_embeddings)
+        reads = {
+            "text": decode_text or both or self.model.motion_prompt.reads_text,
+            "visual": decode_visual or both,
+        }
+        read_or_not = {
+            IOU_HEAD: request.fused and fusion.reads_iou,
+            "text_prompt": decode_text,
+            "visual_prompt": decode_visual,
+            "fusion": request.fused,
+        }
+        for path, read in reads.items():
+            read_or_not.update({f"decoupler.{name}": read for name in self.model.decoupler.branches[path]})
+        return [OBJECT_SCORE_HEAD, *(module for module, read in read_or_not.items() if not read)]
 
     def score_metrics(self) -> dict[str, torchmetrics.Metric]:
         """Beside the masks' scores: QA exact match and the disentanglement diagnostics, per type."""

@@ -15,7 +15,7 @@ from torch import Tensor
 from lightning_desa2va.losses import TripleSupervisionLoss
 from lightning_desa2va.models.desa2va import DeSa2VA, TextSegmentation
 from lightning_desa2va.models.inference import distinct_clips
-from lightning_desa2va.stages.base import Optimizer, SegmentationStage
+from lightning_desa2va.stages.base import IOU_HEAD, OBJECT_SCORE_HEAD, Optimizer, SegmentationStage
 
 TEXT_KEYS = {"label": "label_", "expression": "expression_label_"}
 """Batch key prefix of each ground-truth text stage 1 can read."""
@@ -42,7 +42,13 @@ class TextPretrainStage(SegmentationStage):
             raise ValueError(f"stage.text must be one of {sorted(TEXT_KEYS)}, got '{text}'")
         self.loss = loss
         self.text_key = TEXT_KEYS[text]
-        self.select_trainable()
+        self.select_trainable(unread=self.unread_modules())
+
+    def unread_modules(self) -> list[str]:
+        """What stage 1 never reads, left frozen: z_v's branch of the decoupler (the label prompts the text
+        path alone) and SAM-2's IoU and object-score heads (the text mask is all the loss scores)."""
+        visual = [f"decoupler.{name}" for name in self.model.decoupler.branches["visual"]]
+        return [*visual, IOU_HEAD, OBJECT_SCORE_HEAD]
 
     def segment(self, batch: dict[str, Any], share_clips: bool = False) -> TextSegmentation:
         """The text masks of a batch; ``share_clips``: encode each distinct clip once (evaluation batches
