@@ -11,7 +11,9 @@ frame of every clip stays cheap on a CPU. cIoU and gIoU follow the RefCOCO famil
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -163,7 +165,9 @@ class JFMetric(torchmetrics.Metric):
     Each expression scores the mean over the frames of its clip (as MeViS / Ref-YouTube-VOS), and
     the dataset score is the mean over expressions. Per-expression values are kept as ``cat`` list
     states so the result is exact after a multi-process sync; types with no expressions are left out
-    of the result rather than reported as a misleading 0 or NaN.
+    of the result rather than reported as a misleading 0 or NaN. Every state holds the metric's dtype
+    (type ids too): a rank that saw no sample syncs torchmetrics' empty tensor of that dtype, and the
+    gather needs one dtype on every rank.
     """
 
     is_differentiable = False
@@ -188,17 +192,15 @@ class JFMetric(torchmetrics.Metric):
         type_ids = type_index(expression_types, self.device)
         j_per_frame = region_similarity(pred_masks, gt_masks)
         f_per_frame = boundary_f_measure(pred_masks, gt_masks, self.bound_th)
-        self.j_values.append(j_per_frame.mean(dim=1))
-        self.f_values.append(f_per_frame.mean(dim=1))
-        self.type_ids.append(type_ids)
+        self.j_values.append(j_per_frame.mean(dim=1).to(self.dtype))
+        self.f_values.append(f_per_frame.mean(dim=1).to(self.dtype))
+        self.type_ids.append(type_ids.to(self.dtype))
 
     def compute(self) -> dict[str, float]:
         """``J``, ``F``, ``JF`` overall and ``J/<type>``, ``F/<type>``, ``JF/<type>`` per present type."""
-        if not self.j_values:
-            return {}
-        j_values = dim_zero_cat(self.j_values).double()
-        f_values = dim_zero_cat(self.f_values).double()
-        type_ids = dim_zero_cat(self.type_ids)
+        j_values = cat_state(self.j_values).double()
+        f_values = cat_state(self.f_values).double()
+        type_ids = cat_state(self.type_ids).long()
         if j_values.numel() == 0:
             return {}
         results = _summarise(j_values, f_values, suffix="")
@@ -207,6 +209,23 @@ class JFMetric(torchmetrics.Metric):
             if selected.any():
                 results.update(_summarise(j_values[selected], f_values[selected], suffix=f"/{name}"))
         return results
+
+
+def cat_state(state: Tensor | list[Tensor]) -> Tensor:
+    """A ``cat`` state as one tensor: a list of batches before a sync (empty when nothing was updated),
+    already one tensor after a multi-process sync."""
+    if isinstance(state, list) and not state:
+        return torch.zeros(0)
+    return dim_zero_cat(state)
+
+
+def synced(metric: torchmetrics.Metric) -> Any:
+    """What ``metric.compute()`` gives over every rank's states; on a rank that updated nothing, without
+    torchmetrics' warning that compute came before update (the other ranks' samples are what it computes)."""
+    with warnings.catch_warnings():
+        if not metric.update_called:
+            warnings.filterwarnings("ignore", message=".*was called before the ``update`` method")
+        return metric.compute()
 
 
 def _summarise(j_values: Tensor, f_values: Tensor, suffix: str) -> dict[str, float]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from lightning_desa2va.data.shards import (
 )
 from lightning_desa2va.data.synthetic import SyntheticConfig
 from lightning_desa2va.errors import ResumeError
-from lightning_desa2va.resume import checked, config_differences
+from lightning_desa2va.resume import checked, config_differences, other_rank
 from lightning_desa2va.runs import (
     FINISHED,
     PIPELINE_FILE,
@@ -120,10 +121,12 @@ def run_pipeline(
     if not stages:
         raise ValueError("pipeline.stages is empty: nothing to train")
     plan = PipelinePlan(overrides, experiments_dir, stages)
-    folder = plan.folder(first, record_dir)
-    record = read_pipeline(folder)
+    leader = not other_rank()  # rank 0 keeps the record; another rank follows it, writing nothing
+    folder = plan.folder(first, record_dir) if leader else plan.followed(first, record_dir)
+    new_record = PipelineRecord(first.run.experiment, dict.fromkeys(stages), now())
+    record = read_pipeline(folder) if folder is not None else new_record
     runs: list[StageRun] = []
-    with holding_lock(folder):
+    with holding_lock(folder) if folder is not None and leader else nullcontext():
         for index, stage in enumerate(stages):
             cfg = plan.compose(stage, runs)
             callbacks = stage_callbacks(cfg) if stage_callbacks else ()  # also for a reused stage: it counts
@@ -132,7 +135,7 @@ def run_pipeline(
                 runs.append(plan.reuse(cfg, Path(run_dir)))
                 continue
 
-            def opened(path: Path, stage: str = stage) -> None:
+            def opened(path: Path, stage: str = stage) -> None:  # called on rank 0 alone
                 record.stages[stage] = str(path)
                 write_pipeline(folder, record)
 
@@ -147,7 +150,8 @@ def run_pipeline(
                     on_open=opened,
                 )
             )
-        write_pipeline(folder, replace(record, status=FINISHED))
+        if leader:
+            write_pipeline(folder, replace(record, status=FINISHED))
     return runs
 
 
@@ -190,6 +194,13 @@ class PipelinePlan:
         write_pipeline(folder, PipelineRecord(first.run.experiment, dict.fromkeys(self.stages), now()))
         return folder
 
+    def followed(self, first: DictConfig, record_dir: Path | None) -> Path | None:
+        """The record rank 0 continues, as a rank other than 0 finds it (to reuse the same finished stages and
+        resume the same run); ``None`` for a new pipeline, whose record this rank has no use for."""
+        if record_dir is not None:
+            return record_dir if (record_dir / PIPELINE_FILE).is_file() else None
+        return self.requested(first)
+
     def requested(self, first: DictConfig) -> Path | None:
         """The pipeline ``resume_from`` or ``resume=auto`` asks to continue, checked; ``None``: a new one."""
         parent = Path(first.paths.output_dir) / first.run.experiment / PIPELINES_DIR
@@ -203,8 +214,8 @@ class PipelinePlan:
         if not first.resume:
             return None
         for folder in newest_first(parent, PIPELINE_FILE):
-            if read_pipeline(folder).status == FINISHED or is_alive(folder):
-                continue
+            if read_pipeline(folder).status == FINISHED or (is_alive(folder) and not other_rank()):
+                continue  # another rank follows rank 0, which holds the lock by the time it looks
             try:
                 self.check(folder)
             except ResumeError as error:
@@ -217,7 +228,7 @@ class PipelinePlan:
 
     def check(self, folder: Path) -> None:
         """Every stage run the pipeline made was composed as this run composes it (else ResumeError)."""
-        if is_alive(folder):
+        if is_alive(folder) and not other_rank():
             raise ResumeError(f"cannot resume {folder}: another process is running it")
         done: list[StageRun] = []
         for stage in self.stages:

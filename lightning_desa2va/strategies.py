@@ -1,12 +1,17 @@
-"""What the distributed strategies (config group ``strategy``) need from the model: which modules FSDP wraps.
+"""What the distributed strategies (config group ``strategy``) need from the model and the data.
 
 Lightning's ``FSDPStrategy`` takes an ``auto_wrap_policy``; a config cannot name the model's classes before
 the model is built (they come with the chosen VLM), so the policy matches class names: one FSDP unit per
-transformer block, the granularity at which FSDP gathers and frees parameters.
+transformer block, the granularity at which FSDP gathers and frees parameters. ``strategy=ddp`` is
+Lightning's ``DDPStrategy`` with validation that tolerates ranks with different numbers of batches.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torch.distributed.fsdp.wrap import CustomPolicy
 
@@ -20,3 +25,16 @@ def block_wrap_policy(block_names: list[str]) -> CustomPolicy:
         return type(module).__name__ in names
 
     return CustomPolicy(is_block)
+
+
+class UnevenEvaluationDDPStrategy(DDPStrategy):
+    """DDP whose validation during ``fit`` calls the LightningModule itself rather than its DDP wrapper.
+
+    Validation scores each rank's share of every shard's samples (every world-size-th), so one rank may run
+    a batch more than another, or none at all. Through the wrapper each forward first broadcasts the
+    module's buffers, a collective the rank that has finished never joins: the run hangs. Evaluation syncs
+    no gradients, and ``trainer.validate`` / ``trainer.test`` call the module unwrapped already."""
+
+    def validation_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        with self.precision_plugin.val_step_context():
+            return self.lightning_module.validation_step(*args, **kwargs)

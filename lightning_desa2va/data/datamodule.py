@@ -19,7 +19,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -54,6 +54,7 @@ TRAIN, VAL, TEST = "train", "val", "test"
 # The pipelines hold closures (error handlers, encoders) that only a forked loader worker inherits; a process
 # whose default start method is spawn (a sweep worker) or forkserver (Python 3.14) cannot pickle them.
 LOADER_START_METHOD = "fork"
+Gathered = TypeVar("Gathered")
 
 
 @dataclass
@@ -269,8 +270,9 @@ class RefVOSDataModule(pl.LightningDataModule):
         return self._loader(TEST, self.eval_batch_size)
 
 
-def all_ranks(value: dict[str, int]) -> list[dict[str, int]]:
-    """``value`` of every rank, in rank order (this rank's alone outside distributed training)."""
+def all_ranks(value: Gathered) -> list[Gathered]:
+    """``value`` (any picklable object) of every rank, in rank order (this rank's alone outside distributed
+    training)."""
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
         return [value]
     gathered: list[Any] = [None] * torch.distributed.get_world_size()

@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from lightning_desa2va.errors import NonFiniteLossError
 from lightning_desa2va.losses import LossTerms
-from lightning_desa2va.metrics import JFMetric, MaskShareMetric, ReferringIoUMetric
+from lightning_desa2va.metrics import JFMetric, MaskShareMetric, ReferringIoUMetric, synced
 from lightning_desa2va.models.desa2va import DeSa2VA
 from lightning_desa2va.stages.checkpoints import RECORD_KEY, record_of, trainable_only
 from lightning_desa2va.stages.motion import MotionProbe
@@ -274,16 +274,20 @@ class SegmentationStage(TrainingStage):
         return {}
 
     def _log_results(self, split: str, metrics: Mapping[str, torchmetrics.Metric] | None = None) -> None:
-        """Compute, reset and log ``metrics`` (default: the split's ``scores``), then save the overlays."""
+        """Compute, reset and log ``metrics`` (default: the split's ``scores``), then save rank 0's overlays.
+
+        Whether a metric has anything to report (e.g. no QA turn in any batch) is decided across ranks, and
+        every rank computes it when any rank updated it: computing syncs the states, a collective that a
+        rank which saw no sample must join too."""
         results = self.extra_results()
         for key, metric in (self.scores[split] if metrics is None else metrics).items():
-            if metric.update_called:  # e.g. no QA turn in any batch: nothing to report
+            if self.trainer.strategy.reduce_boolean_decision(metric.update_called, all=False):
                 prefix = SCORE_PREFIXES.get(key, "")
-                results.update({f"{prefix}{name}": value for name, value in metric.compute().items()})
+                results.update({f"{prefix}{name}": value for name, value in synced(metric).items()})
             metric.reset()
         self.log_dict({f"{split}/{name}": value for name, value in results.items()}, sync_dist=True)
         overlays, self._overlays = self._overlays, []
-        if self.trainer.sanity_checking or not overlays:
+        if self.trainer.sanity_checking or not overlays or not self.trainer.is_global_zero:
             return
         with tempfile.TemporaryDirectory() as folder:
             paths = save_overlays(overlays, Path(folder))

@@ -20,10 +20,9 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchmetrics.utilities import dim_zero_cat
 
 from lightning_desa2va.losses import MaskLoss, TripleSupervisionLoss
-from lightning_desa2va.metrics import boundary_f_measure, region_similarity
+from lightning_desa2va.metrics import boundary_f_measure, cat_state, region_similarity
 from lightning_desa2va.models.desa2va import DeSa2VA
 from lightning_desa2va.models.sam2 import ClipFeatures, TrackOutput
 from lightning_desa2va.stages.base import Optimizer, SegmentationStage
@@ -176,12 +175,13 @@ class PromptedTrackingMetric(torchmetrics.Metric):
         self.track_f.append(boundary_f_measure(pred, gt).mean(dim=1))
 
     def compute(self) -> dict[str, float]:
-        if not self.point_iou:
+        point_iou = cat_state(self.point_iou)
+        if point_iou.numel() == 0:
             return {}
-        j_mean = dim_zero_cat(self.track_j).double().mean().item()
-        f_mean = dim_zero_cat(self.track_f).double().mean().item()
+        j_mean = cat_state(self.track_j).double().mean().item()
+        f_mean = cat_state(self.track_f).double().mean().item()
         return {
-            "point_iou": dim_zero_cat(self.point_iou).double().mean().item(),
+            "point_iou": point_iou.double().mean().item(),
             "track_J": j_mean,
             "track_F": f_mean,
             "track_JF": (j_mean + f_mean) / 2,

@@ -23,6 +23,7 @@ from torchmetrics import MeanMetric
 
 from lightning_desa2va.data.chat import IGNORE_INDEX
 from lightning_desa2va.data.schema import EXPRESSION_TYPES
+from lightning_desa2va.metrics import synced
 from lightning_desa2va.models.desa2va import DeSa2VA
 from lightning_desa2va.stages.answers import score_answers
 from lightning_desa2va.stages.base import Optimizer, Scheduler, TrainingStage
@@ -137,7 +138,7 @@ class VLMPretrainStage(TrainingStage):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         output = self.language_model_pass(batch)
-        loss = self.check_finite(output.loss, batch)
+        loss = output.loss
         batch_size = len(batch["video_id"])
         captioned = sum(batch["has_caption"])
         if captioned < batch_size and not self._captionless_warned:
@@ -151,10 +152,12 @@ class VLMPretrainStage(TrainingStage):
         self.log("train/lm_loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/caption_fraction", captioned / batch_size, batch_size=batch_size)
         weights = {"referent": self.w_referent, "referent_motion": self.w_referent_motion}
-        for name, value in self.referent_terms(batch).items():
+        terms = self.referent_terms(batch)
+        for name, value in terms.items():
             self.log(f"train/{name}_loss", value, batch_size=batch_size)
-            loss = loss + weights[name] * self.check_finite(value, batch)
-        return loss
+            loss = loss + weights[name] * value
+        # one check of the total: every rank joins its collective once a step, whatever terms its batch has
+        return self.check_finite(loss, batch, {"lm": output.loss, **terms})
 
     def seg_states(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """``[SEG]`` states of the segmentation prompt with the frames (as stage 2 asks) and of the
@@ -285,10 +288,12 @@ class VLMPretrainStage(TrainingStage):
         self._log_results(TEST)
 
     def _log_results(self, split: str) -> None:
+        """Log each accuracy that any rank has a question for (a kind no question asked stays unlogged
+        rather than NaN); every rank computes it then, since computing syncs the ranks' states."""
         results = {}
         for name, metric in self.metrics[split].items():
-            if metric.weight > 0:  # a kind no question asked stays unlogged rather than NaN
-                results[f"{split}/{name}"] = metric.compute()
+            if self.trainer.strategy.reduce_boolean_decision(bool(metric.weight > 0), all=False):
+                results[f"{split}/{name}"] = synced(metric)
             metric.reset()
         self.log_dict(results, sync_dist=True)
         rounded = {name: round(float(value), 4) for name, value in results.items()}

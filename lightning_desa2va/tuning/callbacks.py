@@ -17,9 +17,10 @@ import psutil
 import torch
 from lightning.pytorch.callbacks import Callback
 from optuna_integration import PyTorchLightningPruningCallback
-from torchmetrics.utilities import dim_zero_cat
 
+from lightning_desa2va.data.datamodule import all_ranks
 from lightning_desa2va.data.schema import EXPRESSION_TYPES
+from lightning_desa2va.metrics import cat_state
 from lightning_desa2va.tracking import log_artifacts
 from lightning_desa2va.tuning.metric_names import PEAK_MEMORY, STEP_SECONDS
 from lightning_desa2va.tuning.mlflow_runs import EXPRESSIONS_ARTIFACT_DIR
@@ -103,15 +104,20 @@ class ExpressionScoreRecorder(Callback):
         ]
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Gather every rank's expressions (each rank scores its share of the split) into one table, which
+        rank 0 logs as one file."""
         state = pl_module.scores["test"]["jf"].metric_state
-        j, f = (dim_zero_cat(state[key]).double().cpu().tolist() for key in ("j_values", "f_values"))
-        types = [EXPRESSION_TYPES[index] for index in dim_zero_cat(state["type_ids"]).tolist()]
+        j, f = (cat_state(state[key]).double().cpu().tolist() for key in ("j_values", "f_values"))
+        types = [EXPRESSION_TYPES[index] for index in cat_state(state["type_ids"]).long().tolist()]
         if len(j) != len(self.ids):
             raise RuntimeError(f"{len(j)} scored expressions but {len(self.ids)} test samples seen")
-        self.scores = ExpressionScores(unique_ids(self.ids), types, j, f)
+        columns = zip(*all_ranks((self.ids, types, j, f)), strict=True)  # each column: every rank's part
+        ids, types, j, f = ([value for part in column for value in part] for column in columns)
+        self.scores = ExpressionScores(unique_ids(ids), types, j, f)
+        if not trainer.is_global_zero:
+            return
         with tempfile.TemporaryDirectory() as folder:
-            rank = trainer.global_rank
-            path = self.scores.write_csv(Path(folder) / ("test.csv" if rank == 0 else f"test-rank{rank}.csv"))
+            path = self.scores.write_csv(Path(folder) / "test.csv")
             log_artifacts(trainer.logger, [path], EXPRESSIONS_ARTIFACT_DIR, Path(trainer.default_root_dir))
 
 
