@@ -1,8 +1,8 @@
-"""Helpers for tests that train with two processes (DDP over gloo on the CPU): one job that runs the tiny
-default's pipeline and then the Sa2VA control's in the same two processes (each process start costs more
-than the training), started with a deadline so that a hang fails the test instead of the suite; its ranks
-note the training videos they read. Run as a script it is that job (Lightning starts rank 1 by running the
-same script again)."""
+"""Helpers for tests that run two processes (DDP over gloo on the CPU), each with a deadline so that a hang
+fails the test instead of the suite: one job that runs the tiny default's pipeline and then the Sa2VA
+control's in the same two processes (each process start costs more than the training), its ranks noting the
+training videos they read; and any function run on both ranks of a gloo group (``on_two_ranks``). Run as a
+script this module is that job (Lightning starts rank 1 by running the same script again)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
 GROUP_DEADLINE_S = 60
 """Seconds two processes of a gloo group may take for a few collectives, process starts included."""
 DEADLINE_S = 240
-"""Seconds a two-process job may take (about 50 s alone on 2 cores): past it the job hangs, and fails."""
+"""Seconds a two-process job may take (about 60 s on 2 busy cores): one still running then counts as hung."""
 READ_LOG = "trained-{experiment}-{stage}-rank{rank}.jsonl"
 """Where each rank notes the videos of every batch a stage trained on, one JSON line per batch."""
 
@@ -31,8 +31,9 @@ PIPELINES = {
     # the control trains the sum of both stages' steps in its one stage
     "sa2va_baseline": ["experiment=sa2va_baseline", "pipeline.steps={text_pretrain:1,decoupled_finetune:1}"],
 }
-"""The pipelines the job runs, in order, and the stages each trains."""
+"""The pipelines the job runs, in order."""
 STAGES = {"desa2va_tiny": ["text_pretrain", "decoupled_finetune"], "sa2va_baseline": ["decoupled_finetune"]}
+"""The stages each pipeline trains."""
 
 TINY = [
     "synthetic.videos={train:4,val:1,test:1}",
