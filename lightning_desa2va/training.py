@@ -51,6 +51,7 @@ from lightning_desa2va.runs import (
 )
 from lightning_desa2va.signals import STOP
 from lightning_desa2va.stages.base import SegmentationStage
+from lightning_desa2va.strategies import check_accelerator
 from lightning_desa2va.tracking import ensure_tracking_store, log_run_config, tag_run
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ def build_trainer(cfg: DictConfig, logger: Logger | bool, callbacks: Sequence[Ca
     configured = [instantiate(node) for node in named.values() if node is not None]
     resolved = OmegaConf.to_container(cfg.trainer, resolve=True)
     settings = {key: value for key, value in resolved.items() if key != CALLBACKS_KEY}
+    check_accelerator(str(settings.get("accelerator", "auto")))
     return instantiate(settings, logger=logger, callbacks=[*configured, *callbacks])
 
 

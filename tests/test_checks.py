@@ -65,6 +65,18 @@ def test_a_mistyped_value_stops_in_one_line_naming_its_key_and_range(capsys, ove
     assert expected in one_line_error(capsys, "train", override)
 
 
+def test_a_gpu_config_on_a_machine_without_a_gpu_stops_in_one_line_before_any_run(
+    tmp_path: Path, in_scratch_folder, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with in_scratch_folder(tmp_path) as store:
+        overrides = [*TINY_STAGE, "trainer=gpu", store]
+        ensure_synthetic_shards(compose_config(overrides))
+        line = one_line_error(capsys, "train", *overrides)
+    assert "trainer.accelerator is 'gpu' but torch sees no CUDA GPU" in line and "trainer=cpu" in line
+    assert not list((tmp_path / "outputs").rglob("run.json"))
+
+
 def test_a_nan_loss_stops_in_one_line_naming_the_step_the_term_and_the_videos(
     tmp_path: Path, in_scratch_folder, capsys
 ) -> None:
