@@ -73,6 +73,8 @@ class StageRun:
     test_baseline: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     """Samples the data pipelines skipped, by reason (every split, every attempt of the run)."""
+    checkpoint_weights: dict[str, int] = field(default_factory=dict)
+    """What the final checkpoint keeps and leaves to the base folders (see ``RunRecord``)."""
 
 
 def build_trainer(cfg: DictConfig, logger: Logger | bool, callbacks: Sequence[Callback] = ()) -> pl.Trainer:
@@ -156,6 +158,7 @@ def train_stage(
                 device = trainer.strategy.root_device
                 run.test_baseline = score_union_baseline(parts.datamodule, trainer.logger, TEST, device)
         run.skipped = parts.datamodule.skipped()
+        run.checkpoint_weights = parts.stage.saved_weights
         if trainer.is_global_zero:
             finish_record(run)
     return run
@@ -266,6 +269,7 @@ def finish_record(run: StageRun) -> None:
         checkpoint=str(run.checkpoint),
         results=results,
         skipped=run.skipped,
+        checkpoint_weights=run.checkpoint_weights,
     )
     write_record(run.output_dir, record)
 
@@ -283,6 +287,7 @@ def stage_run_of(run_dir: Path, record: RunRecord) -> StageRun:
         test_metrics=results.get(TEST, {}),
         test_baseline=results.get(f"{TEST}_baseline", {}),
         skipped=record.skipped,
+        checkpoint_weights=record.checkpoint_weights,
     )
 
 
