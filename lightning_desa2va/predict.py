@@ -31,6 +31,7 @@ from lightning_desa2va.errors import CheckpointError, ExpressionError, VideoErro
 from lightning_desa2va.runs import read_record, run_dir_of_checkpoint
 from lightning_desa2va.stages.base import SegmentationStage
 from lightning_desa2va.stages.checkpoints import apply_model_weights, export_overrides, read_model_weights
+from lightning_desa2va.strategies import check_accelerator
 from lightning_desa2va.visualize import tint_prediction
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,7 @@ def load_predictor(cfg: DictConfig, checkpoint: Path) -> Predictor:
     """Build the configured stage-2 model from ``checkpoint`` (a stage-2 checkpoint or an export folder)
     on one device of ``trainer.accelerator`` in ``trainer.precision``."""
     check_stage(cfg, checkpoint)
+    check_accelerator(cfg.trainer.accelerator)
     weights = read_model_weights(checkpoint)  # a wrong file fails before the model is built
     parts = build_components(cfg)
     apply_model_weights(parts.model, weights, complete=True)

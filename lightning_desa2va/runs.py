@@ -56,6 +56,9 @@ class RunRecord:
     """Samples skipped by reason over the run (every split, every attempt)."""
     resumed_at: list[int] = field(default_factory=list)
     """The step each resumed attempt continued from (0: the run died before its first checkpoint)."""
+    checkpoint_weights: dict[str, int] = field(default_factory=dict)
+    """Once finished: the model tensors its checkpoint keeps (trained or loaded) and those it leaves for the
+    base folders to rebuild (the frozen foundation weights)."""
 
 
 def new_run_dir(cfg: DictConfig, run_id: str | None) -> Path:

@@ -1,4 +1,6 @@
-"""What the distributed strategies (config group ``strategy``) need from the model and the data.
+"""What the distributed strategies (config group ``strategy``) need from the model (which modules FSDP wraps)
+and the data (validation of uneven shares under DDP), and a check that the configured accelerator exists on
+this machine.
 
 Lightning's ``FSDPStrategy`` takes an ``auto_wrap_policy``; a config cannot name the model's classes before
 the model is built (they come with the chosen VLM), so the policy matches class names: one FSDP unit per
@@ -8,12 +10,18 @@ Lightning's ``DDPStrategy`` with validation that tolerates ranks with different 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+import torch
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torch.distributed.fsdp.wrap import CustomPolicy
+
+from lightning_desa2va.config import ConfigError
+
+GPU_ACCELERATORS = ("gpu", "cuda")
 
 
 def block_wrap_policy(block_names: list[str]) -> CustomPolicy:
@@ -38,3 +46,15 @@ class UnevenEvaluationDDPStrategy(DDPStrategy):
     def validation_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         with self.precision_plugin.val_step_context():
             return self.lightning_module.validation_step(*args, **kwargs)
+
+
+def check_accelerator(accelerator: str) -> None:
+    """A GPU config on a machine torch sees no GPU on stops in one line naming the key (Lightning's own
+    message, "No supported gpu backend found!", says neither which setting asked nor what to do)."""
+    if accelerator in GPU_ACCELERATORS and not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        shown = "" if visible is None else f" (CUDA_VISIBLE_DEVICES={visible!r})"
+        raise ConfigError(
+            f"trainer.accelerator is {accelerator!r} but torch sees no CUDA GPU on this machine{shown}: "
+            "use trainer=cpu here, or run on a GPU machine"
+        )

@@ -51,6 +51,7 @@ from lightning_desa2va.runs import (
 )
 from lightning_desa2va.signals import STOP
 from lightning_desa2va.stages.base import SegmentationStage
+from lightning_desa2va.strategies import check_accelerator
 from lightning_desa2va.tracking import ensure_tracking_store, log_run_config, tag_run
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class StageRun:
     test_baseline: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     """Samples the data pipelines skipped, by reason (every split, every attempt of the run)."""
+    checkpoint_weights: dict[str, int] = field(default_factory=dict)
+    """What the final checkpoint keeps and leaves to the base folders (see ``RunRecord``)."""
 
 
 def build_trainer(cfg: DictConfig, logger: Logger | bool, callbacks: Sequence[Callback] = ()) -> pl.Trainer:
@@ -81,6 +84,7 @@ def build_trainer(cfg: DictConfig, logger: Logger | bool, callbacks: Sequence[Ca
     configured = [instantiate(node) for node in named.values() if node is not None]
     resolved = OmegaConf.to_container(cfg.trainer, resolve=True)
     settings = {key: value for key, value in resolved.items() if key != CALLBACKS_KEY}
+    check_accelerator(str(settings.get("accelerator", "auto")))
     return instantiate(settings, logger=logger, callbacks=[*configured, *callbacks])
 
 
@@ -154,6 +158,7 @@ def train_stage(
                 device = trainer.strategy.root_device
                 run.test_baseline = score_union_baseline(parts.datamodule, trainer.logger, TEST, device)
         run.skipped = parts.datamodule.skipped()
+        run.checkpoint_weights = parts.stage.saved_weights
         if trainer.is_global_zero:
             finish_record(run)
     return run
@@ -264,6 +269,7 @@ def finish_record(run: StageRun) -> None:
         checkpoint=str(run.checkpoint),
         results=results,
         skipped=run.skipped,
+        checkpoint_weights=run.checkpoint_weights,
     )
     write_record(run.output_dir, record)
 
@@ -281,6 +287,7 @@ def stage_run_of(run_dir: Path, record: RunRecord) -> StageRun:
         test_metrics=results.get(TEST, {}),
         test_baseline=results.get(f"{TEST}_baseline", {}),
         skipped=record.skipped,
+        checkpoint_weights=record.checkpoint_weights,
     )
 
 

@@ -18,6 +18,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS_DIR = REPO_ROOT / "experiments"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules marked ``long`` (minutes of training or several processes) first: ``make test`` hands whole
+    modules to two workers in this order, and long ones started last would leave one worker running alone."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 @pytest.fixture(scope="session")
 def experiments_dir() -> Path:
     """The repository's experiment YAMLs, independent of the directory pytest runs from."""

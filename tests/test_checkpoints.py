@@ -63,6 +63,10 @@ def test_a_checkpoint_keeps_what_trained_and_records_what_the_base_rebuilds(trai
     assert trainable <= kept and frozen_foundation and not frozen_foundation & kept
     record = payload[RECORD_KEY]
     assert frozen_foundation <= set(record["rebuilt"])
+    assert stage.saved_weights == {
+        "model_tensors_kept": len(kept),
+        "rebuilt_from_base": len(record["rebuilt"]),
+    }
     assert "model=tiny" in record["model_overrides"] and "decoupler=linear_ortho" in record["model_overrides"]
 
 

@@ -15,6 +15,8 @@ from distributed_runs import on_two_ranks
 
 from lightning_desa2va.metrics import JFMetric, PerTypeMean, synced
 
+pytestmark = pytest.mark.long  # two processes
+
 TYPES = ["static", "motion"]
 QA_HITS = [1.0, 0.0]
 SCORES = "scores-rank{rank}.json"

@@ -85,6 +85,13 @@ def test_run_folders_are_named_by_experiment_stage_time_and_run_id(demo_store):
         assert run.checkpoint.parent == run.output_dir / "checkpoints"
         record = read_record(run.output_dir)
         assert (record.mlflow_run_id, record.stage, record.experiment) == (run.run_id, stage, "desa2va_tiny")
+        payload = torch.load(run.checkpoint, map_location="cpu", weights_only=True)
+        kept = sum(key.startswith("model.") for key in payload["state_dict"])
+        assert record.checkpoint_weights == {
+            "model_tensors_kept": kept,
+            "rebuilt_from_base": len(payload["desa2va"]["rebuilt"]),
+        }
+        assert record.checkpoint_weights["rebuilt_from_base"] > 0  # the frozen foundations are not saved
 
 
 def test_mlflow_holds_one_finished_run_per_stage_with_params_and_metrics(demo_store):

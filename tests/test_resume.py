@@ -28,6 +28,8 @@ from lightning_desa2va.pipeline import ensure_synthetic_shards, run_pipeline
 from lightning_desa2va.runs import FINISHED, RUNNING, read_pipeline, read_record
 from lightning_desa2va.training import StageRun, train_stage
 
+pytestmark = pytest.mark.long
+
 
 @pytest.fixture(autouse=True)
 def _keep_threads():

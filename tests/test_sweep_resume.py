@@ -12,11 +12,14 @@ import time
 from contextlib import closing
 from pathlib import Path
 
+import pytest
 import torch
 from optuna.trial import TrialState
 from sweep_runs import LONGER_TRIALS, load_study, mlflow_runs, run_sweep_process, start_sweep, write_spec
 
 from lightning_desa2va.runs import FINISHED, read_pipeline, read_record
+
+pytestmark = pytest.mark.long
 
 POLL_S = 0.5
 WAIT_S = 600

@@ -14,6 +14,8 @@ from lightning_desa2va.tuning.metric_names import STAGE_METRICS
 from lightning_desa2va.tuning.spec import load_spec
 from lightning_desa2va.tuning.sweep import run_sweep
 
+pytestmark = pytest.mark.long
+
 W_ORTH = "loss.w_orth"
 TWO_STAGES = [
     *(override for override in TINY if not override.startswith(("pipeline.stages", "trainer.max_steps"))),

@@ -23,6 +23,8 @@ from sweep_runs import EXPERIMENTS, LONGER_TRIALS, start_sweep, write_spec
 from lightning_desa2va.cli import main
 from lightning_desa2va.services import Services
 
+pytestmark = pytest.mark.long
+
 STUDY = "team"
 MACHINES = 3
 POLL_S = 0.5

@@ -31,15 +31,8 @@ from lightning_desa2va.data.chat import ChatEncoder, ChatTemplates
 from lightning_desa2va.data.clips import ClipEncoder, collate_clips
 from lightning_desa2va.data.errors import SKIP_REASONS
 from lightning_desa2va.data.schema import Expression, VideoSample, decode_sample
-from lightning_desa2va.data.shards import (
-    ON_ERROR_CHOICES,
-    SkipCounter,
-    check_schema_version,
-    error_handler,
-    shard_reader,
-    split_urls,
-    verified,
-)
+from lightning_desa2va.data.shards import check_schema_version, shard_reader, split_urls, verified
+from lightning_desa2va.data.skips import ON_ERROR_CHOICES, SkipCounter, error_handler
 from lightning_desa2va.data.stream import (
     POSITION_KEY,
     PassLoader,

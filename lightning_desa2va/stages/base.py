@@ -29,7 +29,7 @@ from lightning_desa2va.errors import NonFiniteLossError
 from lightning_desa2va.losses import LossTerms
 from lightning_desa2va.metrics import JFMetric, MaskShareMetric, ReferringIoUMetric, synced
 from lightning_desa2va.models.desa2va import DeSa2VA
-from lightning_desa2va.stages.checkpoints import RECORD_KEY, record_of, trainable_only
+from lightning_desa2va.stages.checkpoints import MODEL_PREFIX, RECORD_KEY, record_of, trainable_only
 from lightning_desa2va.stages.motion import MotionProbe
 from lightning_desa2va.tracking import log_artifacts
 from lightning_desa2va.visualize import OverlayItem, save_overlays
@@ -72,6 +72,7 @@ class TrainingStage(pl.LightningModule):
         # Checkpoints leave out the frozen foundation weights (stages/checkpoints.py): builds rebuild them.
         self.strict_loading = False
         self.run_overrides: list[str] = []  # the overrides that built the run, recorded in its checkpoints
+        self.saved_weights: dict[str, int] = {}  # what the last checkpoint kept and left to the base folders
 
     def select_trainable(self, extra: Iterable[str] = (), unread: Iterable[str] = ()) -> None:
         """Freeze everything, then unfreeze the configured submodules and parameters named in ``extra``,
@@ -132,6 +133,8 @@ class TrainingStage(pl.LightningModule):
         rebuilt = trainable_only(self.model, checkpoint["state_dict"], self.initialised_keys)
         metrics = self._trainer.callback_metrics if self._trainer is not None else {}
         checkpoint[RECORD_KEY] = record_of(rebuilt, self.run_overrides, metrics)
+        kept = sum(key.startswith(MODEL_PREFIX) for key in checkpoint["state_dict"])
+        self.saved_weights = {"model_tensors_kept": kept, "rebuilt_from_base": len(rebuilt)}
 
     @property
     def model_size(self) -> int:

@@ -13,9 +13,7 @@ import webdataset
 
 from lightning_desa2va.data.schema import SCHEMA_VERSION, SchemaVersionError, ShardFormatError, encode_sample
 from lightning_desa2va.data.shards import (
-    SkipCounter,
     check_schema_version,
-    error_handler,
     read_manifest,
     read_split,
     split_urls,
@@ -24,6 +22,7 @@ from lightning_desa2va.data.shards import (
     write_split,
     write_synthetic_benchmark,
 )
+from lightning_desa2va.data.skips import SkipCounter, error_handler
 from lightning_desa2va.data.synthetic import SyntheticConfig, expression_type_counts, generate_split
 
 CFG = SyntheticConfig(num_frames=3, image_size=64, radius_range=(5, 8), speeds={"slow": 1.0, "fast": 2.0})
