@@ -14,6 +14,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from filelock import FileLock
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
@@ -54,6 +55,8 @@ from lightning_desa2va.training import StageRun, build_trainer, split_metrics, s
 
 log = logging.getLogger(__name__)
 
+DATA_LOCK_SUFFIX = ".lock"
+
 StageCallbacks = Callable[[DictConfig], Sequence[Callback]]
 """Extra callbacks for each stage a pipeline trains (e.g. a sweep's pruning callback), given its config."""
 
@@ -82,18 +85,22 @@ def _synthetic_shards_present(cfg: DictConfig, data_dir: Path) -> bool:
 
 
 def ensure_synthetic_shards(cfg: DictConfig) -> Path:
-    """Write the synthetic benchmark into ``paths.data_dir`` unless its shards are already there."""
+    """Write the synthetic benchmark into ``paths.data_dir`` unless its shards are already there. Under a
+    file lock beside the folder: processes started together (torchrun's ranks, a sweep's workers) write it
+    once, the others wait and read it."""
     data_dir = Path(cfg.paths.data_dir)
-    if _synthetic_shards_present(cfg, data_dir):
-        log.info("using the synthetic shards in %s", data_dir)
-        return data_dir
-    write_synthetic_benchmark(
-        data_dir,
-        SyntheticConfig(**cfg.synthetic.generator),
-        dict(cfg.synthetic.videos),
-        seed=cfg.synthetic.seed,
-        max_videos_per_shard=cfg.synthetic.videos_per_shard,
-    )
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(data_dir.with_name(f"{data_dir.name}{DATA_LOCK_SUFFIX}")):
+        if _synthetic_shards_present(cfg, data_dir):
+            log.info("using the synthetic shards in %s", data_dir)
+            return data_dir
+        write_synthetic_benchmark(
+            data_dir,
+            SyntheticConfig(**cfg.synthetic.generator),
+            dict(cfg.synthetic.videos),
+            seed=cfg.synthetic.seed,
+            max_videos_per_shard=cfg.synthetic.videos_per_shard,
+        )
     return data_dir
 
 

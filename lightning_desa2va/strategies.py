@@ -58,3 +58,26 @@ def check_accelerator(accelerator: str) -> None:
             f"trainer.accelerator is {accelerator!r} but torch sees no CUDA GPU on this machine{shown}: "
             "use trainer=cpu here, or run on a GPU machine"
         )
+
+
+def device_count(devices: Any) -> int | None:
+    """How many devices ``trainer.devices`` names explicitly (a count, a list or ``"0,1"``); ``None`` for
+    ``auto`` / -1, which depend on the machine."""
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    text = str(devices).strip()
+    if "," in text:
+        return len([part for part in text.split(",") if part.strip()])
+    return int(text) if text.isdigit() else None
+
+
+def check_strategy(strategy: Any, devices: Any, num_nodes: int) -> None:
+    """Several devices or nodes under ``strategy=auto`` stop in one line: Lightning would pick its plain DDP,
+    which hangs when ranks score different numbers of validation batches (see
+    :class:`UnevenEvaluationDDPStrategy`)."""
+    count = device_count(devices)
+    if strategy == "auto" and ((count or 1) > 1 or num_nodes > 1):
+        raise ConfigError(
+            f"trainer.devices={devices} trainer.num_nodes={num_nodes} with strategy=auto: choose "
+            "strategy=ddp (or fsdp, deepspeed_zero2) for several devices or nodes"
+        )

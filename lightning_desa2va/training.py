@@ -51,7 +51,7 @@ from lightning_desa2va.runs import (
 )
 from lightning_desa2va.signals import STOP
 from lightning_desa2va.stages.base import SegmentationStage
-from lightning_desa2va.strategies import check_accelerator
+from lightning_desa2va.strategies import check_accelerator, check_strategy
 from lightning_desa2va.tracking import ensure_tracking_store, log_run_config, tag_run
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,9 @@ def build_trainer(cfg: DictConfig, logger: Logger | bool, callbacks: Sequence[Ca
     resolved = OmegaConf.to_container(cfg.trainer, resolve=True)
     settings = {key: value for key, value in resolved.items() if key != CALLBACKS_KEY}
     check_accelerator(str(settings.get("accelerator", "auto")))
+    check_strategy(
+        settings.get("strategy", "auto"), settings.get("devices", "auto"), settings.get("num_nodes", 1)
+    )
     return instantiate(settings, logger=logger, callbacks=[*configured, *callbacks])
 
 

@@ -77,6 +77,17 @@ def test_a_gpu_config_on_a_machine_without_a_gpu_stops_in_one_line_before_any_ru
     assert not list((tmp_path / "outputs").rglob("run.json"))
 
 
+def test_several_devices_without_a_chosen_strategy_stop_in_one_line_before_any_run(
+    tmp_path: Path, in_scratch_folder, capsys
+) -> None:
+    with in_scratch_folder(tmp_path) as store:
+        overrides = [*TINY_STAGE, "trainer.devices=2", store]
+        ensure_synthetic_shards(compose_config(overrides))
+        line = one_line_error(capsys, "train", *overrides)
+    assert "trainer.devices=2 trainer.num_nodes=1 with strategy=auto: choose strategy=ddp" in line
+    assert not list((tmp_path / "outputs").rglob("run.json"))
+
+
 def test_a_nan_loss_stops_in_one_line_naming_the_step_the_term_and_the_videos(
     tmp_path: Path, in_scratch_folder, capsys
 ) -> None:

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from PIL import Image
 
 from lightning_desa2va.config import compose_config
-from lightning_desa2va.pipeline import evaluate_checkpoint, run_pipeline
+from lightning_desa2va.data.shards import read_manifest
+from lightning_desa2va.pipeline import (
+    DATA_LOCK_SUFFIX,
+    ensure_synthetic_shards,
+    evaluate_checkpoint,
+    run_pipeline,
+)
 from lightning_desa2va.runs import read_record
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
+LOCK_WAIT_S = 1.0
 TINY_RUN = [
     "experiment=desa2va_tiny",
     "synthetic.videos={train:6,val:2,test:2}",
@@ -150,3 +159,17 @@ def test_eval_of_the_stage_2_checkpoint_reproduces_its_validation(demo_store) ->
     for name, value in finetune_run.metrics.items():
         assert scores[name] == pytest.approx(value, abs=1e-6), name
     assert baseline == pytest.approx(finetune_run.baseline)
+
+
+def test_processes_started_together_write_the_synthetic_shards_once(tmp_path: Path) -> None:
+    """A writer waits on the folder's lock while another holds it (torchrun's ranks, a sweep's workers),
+    then finds the shards there."""
+    cfg = compose_config([*TINY_RUN, f"paths.data_dir={tmp_path / 'shapes'}"], EXPERIMENTS_DIR)
+    lock = FileLock(tmp_path / f"shapes{DATA_LOCK_SUFFIX}")
+    with lock:
+        waiting = threading.Thread(target=ensure_synthetic_shards, args=(cfg,))
+        waiting.start()
+        waiting.join(timeout=LOCK_WAIT_S)
+        assert waiting.is_alive() and not (tmp_path / "shapes").exists()
+    waiting.join(timeout=60)
+    assert not waiting.is_alive() and read_manifest(tmp_path / "shapes")["splits"]
