@@ -71,26 +71,33 @@ def test_three_machines_share_a_postgresql_study_and_an_mlflow_server_through_a_
         start_sweep(tmp_path, spec, tracking=services.mlflow_url, log_name=f"machine-{index}.log")
         for index in range(MACHINES)
     ]
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        try:
-            study = optuna.load_study(study_name=STUDY, storage=storage)
-            break
-        except KeyError:
-            assert time.monotonic() < deadline
+    try:
+        deadline = time.monotonic() + WAIT_S
+        database = optuna.storages.RDBStorage(storage)  # one connection pool for every poll (each makes one)
+        while True:
+            try:
+                study = optuna.load_study(study_name=STUDY, storage=database)
+                break
+            except KeyError:
+                assert time.monotonic() < deadline
+                time.sleep(POLL_S)
+        victim = machines[1]
+        while not running_trial_of(study, victim.pid):
+            assert victim.poll() is None and time.monotonic() < deadline, "no trial to kill the machine in"
             time.sleep(POLL_S)
-    victim = machines[1]
-    while not running_trial_of(study, victim.pid):
-        assert victim.poll() is None and time.monotonic() < deadline, "no trial to kill the machine in"
         time.sleep(POLL_S)
-    time.sleep(POLL_S)
-    victim.send_signal(signal.SIGKILL)
-    for index, machine in enumerate(machines):
-        code = machine.wait(timeout=WAIT_S)
-        log = (tmp_path / f"machine-{index}.log").read_text()
-        assert code == (-signal.SIGKILL if machine is victim else 0), log[-3000:]
+        victim.send_signal(signal.SIGKILL)
+        for index, machine in enumerate(machines):
+            code = machine.wait(timeout=WAIT_S)
+            log = (tmp_path / f"machine-{index}.log").read_text()
+            assert code == (-signal.SIGKILL if machine is victim else 0), log[-3000:]
 
-    trials = optuna.load_study(study_name=STUDY, storage=storage).get_trials()
+    finally:  # a failed check leaves no machine running
+        for machine in machines:
+            if machine.poll() is None:
+                machine.kill()
+
+    trials = optuna.load_study(study_name=STUDY, storage=database).get_trials()
     states = [trial.state for trial in trials]
     shown = [(t.number, t.state.name, t.params, t.system_attrs, t.user_attrs.get("worker")) for t in trials]
     assert states.count(TrialState.COMPLETE) == len(space["decoupler"]["choices"]), shown
