@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from rich.console import Console
 from rich.table import Table
 
-from lightning_desa2va import pipeline
+from lightning_desa2va import pipeline, training
 from lightning_desa2va.cli.runs import print_runs
 from lightning_desa2va.config import compose_config
 
@@ -114,7 +114,7 @@ def main() -> None:
         start = time.perf_counter()
         with timed(phases, "data"):
             pipeline.ensure_synthetic_shards(compose_config(overrides, EXPERIMENTS_DIR))
-        pipeline.score_union_baseline = timed_baseline(phases, pipeline.score_union_baseline)
+        training.score_union_baseline = timed_baseline(phases, training.score_union_baseline)
         runs = pipeline.run_pipeline(
             overrides,
             EXPERIMENTS_DIR,
