@@ -19,9 +19,15 @@ EXPERIMENTS_DIR = REPO_ROOT / "experiments"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules marked ``long`` (minutes of training or several processes) first: ``make test`` hands whole
-    modules to two workers in this order, and long ones started last would leave one worker running alone."""
-    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+    """Modules marked ``long(seconds=...)`` (minutes of training or several processes) first, the longest
+    first: ``make test`` hands whole modules to two workers in this order, so neither is left running a long
+    one alone at the end."""
+
+    def expected_seconds(item: pytest.Item) -> float:
+        marker = item.get_closest_marker("long")
+        return 0.0 if marker is None else float(marker.kwargs["seconds"])
+
+    items.sort(key=expected_seconds, reverse=True)
 
 
 @pytest.fixture(scope="session")
