@@ -85,6 +85,19 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def tiny_language_model(vocab_size: int, hidden_size: int) -> dict[str, int]:
+    """The text-model fields both tiny VLMs share (Qwen2 and Qwen2.5-VL's language model)."""
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "intermediate_size": 2 * hidden_size,
+        "max_position_embeddings": 512,
+    }
+
+
 def write_internvl_hf(
     folder: Path,
     hidden_size: int = 32,
@@ -114,16 +127,7 @@ def write_internvl_hf(
         "intermediate_size": 2 * hidden_size,
         **(vision or {}),
     }
-    text_config = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": hidden_size,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "intermediate_size": 2 * hidden_size,
-        "max_position_embeddings": 512,
-        **(text or {}),
-    }
+    text_config = {**tiny_language_model(len(tokenizer), hidden_size), **(text or {})}
     config = InternVLConfig(
         vision_config=InternVLVisionConfig(**vision_config, image_size=image_size, patch_size=patch_size),
         text_config=Qwen2Config(**text_config, pad_token_id=tokenizer.pad_token_id),
@@ -156,13 +160,7 @@ def write_qwen2_5_vl(folder: Path, hidden_size: int = 32) -> Path:
             "fullatt_block_indexes": [0],
         },
         text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": hidden_size,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "intermediate_size": 2 * hidden_size,
-            "max_position_embeddings": 512,
+            **tiny_language_model(len(tokenizer), hidden_size),
             "rope_parameters": {
                 "rope_type": "default",
                 "rope_theta": 10000.0,

@@ -46,6 +46,15 @@ def one_line_error(capsys: pytest.CaptureFixture, *args: str) -> str:
     return last
 
 
+def tiny_training_error(capsys: pytest.CaptureFixture, in_scratch_folder, folder: Path, *extra: str) -> str:
+    """``desa2va train`` of the tiny stage with ``extra`` overrides in a scratch ``folder`` (its shards
+    written first): the one error line it stops with."""
+    with in_scratch_folder(folder) as store:
+        overrides = [*TINY_STAGE, *extra, store]
+        ensure_synthetic_shards(compose_config(overrides))
+        return one_line_error(capsys, "train", *overrides)
+
+
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
@@ -69,10 +78,7 @@ def test_a_gpu_config_on_a_machine_without_a_gpu_stops_in_one_line_before_any_ru
     tmp_path: Path, in_scratch_folder, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with in_scratch_folder(tmp_path) as store:
-        overrides = [*TINY_STAGE, "trainer=gpu", store]
-        ensure_synthetic_shards(compose_config(overrides))
-        line = one_line_error(capsys, "train", *overrides)
+    line = tiny_training_error(capsys, in_scratch_folder, tmp_path, "trainer=gpu")
     assert "trainer.accelerator is 'gpu' but torch sees no CUDA GPU" in line and "trainer=cpu" in line
     assert not list((tmp_path / "outputs").rglob("run.json"))
 
@@ -80,10 +86,7 @@ def test_a_gpu_config_on_a_machine_without_a_gpu_stops_in_one_line_before_any_ru
 def test_several_devices_without_a_chosen_strategy_stop_in_one_line_before_any_run(
     tmp_path: Path, in_scratch_folder, capsys
 ) -> None:
-    with in_scratch_folder(tmp_path) as store:
-        overrides = [*TINY_STAGE, "trainer.devices=2", store]
-        ensure_synthetic_shards(compose_config(overrides))
-        line = one_line_error(capsys, "train", *overrides)
+    line = tiny_training_error(capsys, in_scratch_folder, tmp_path, "trainer.devices=2")
     assert "trainer.devices=2 trainer.num_nodes=1 with strategy=auto: choose strategy=ddp" in line
     assert not list((tmp_path / "outputs").rglob("run.json"))
 
@@ -91,10 +94,8 @@ def test_several_devices_without_a_chosen_strategy_stop_in_one_line_before_any_r
 def test_a_nan_loss_stops_in_one_line_naming_the_step_the_term_and_the_videos(
     tmp_path: Path, in_scratch_folder, capsys
 ) -> None:
-    with in_scratch_folder(tmp_path) as store:
-        overrides = [*TINY_STAGE, "stage.optimizer.lr=1e30", "trainer.gradient_clip_val=0", store]
-        ensure_synthetic_shards(compose_config(overrides))
-        line = one_line_error(capsys, "train", *overrides)
+    extra = ("stage.optimizer.lr=1e30", "trainer.gradient_clip_val=0")
+    line = tiny_training_error(capsys, in_scratch_folder, tmp_path, *extra)
     assert re.search(r"loss is (nan|inf) \(term \w+ = (nan|inf)\) at step [1-9]", line), line
     assert "on videos [" in line and "no checkpoint saved yet" in line
     (record,) = (tmp_path / "outputs").rglob("run.json")  # it trained a step: kept, failed, to look at
