@@ -33,6 +33,7 @@ from lightning_desa2va.errors import WeightsFormatError
 log = logging.getLogger(__name__)
 
 SAM2_TARGET = "lightning_desa2va.models.sam2.LanguagePromptedSAM2"
+CACHING_ENCODER_TARGET = "lightning_desa2va.models.frame_cache.CachingImageEncoder"
 SAM2_CONFIG_MODULE = "sam2"
 SAM2_HYDRA_VERSION_BASE = "1.2"  # what the sam2 package itself initialises with
 _CLIP_DIMS = 4  # [T, 3, H, W]: one clip without a batch dimension
@@ -313,14 +314,21 @@ def build_sam2(
     config_name: str,
     overrides: list[str] | None = None,
     checkpoint: str | None = None,
+    cache_frames: int = 0,
 ) -> LanguagePromptedSAM2:
     """Build SAM-2 from a ``sam2`` package Hydra config, with overrides and an optional checkpoint.
 
     ``config_name`` is relative to the ``sam2`` package (e.g. ``configs/sam2.1/sam2.1_hiera_t.yaml``);
     ``checkpoint`` is an official-format ``.pt`` file (a dict with a ``model`` state dict), loaded with
-    ``weights_only=True``.
+    ``weights_only=True``. ``cache_frames`` > 0 keeps that many frames' features while the image encoder
+    is frozen (:class:`~lightning_desa2va.models.frame_cache.CachingImageEncoder`).
     """
     hydra_overrides = [f"++model._target_={SAM2_TARGET}", *(overrides or [])]
+    if cache_frames:
+        hydra_overrides += [
+            f"++model.image_encoder._target_={CACHING_ENCODER_TARGET}",
+            f"++model.image_encoder.cache_frames={cache_frames}",
+        ]
     with config_module(SAM2_CONFIG_MODULE, SAM2_HYDRA_VERSION_BASE):
         cfg = compose(config_name=config_name, overrides=hydra_overrides)
     OmegaConf.resolve(cfg)
