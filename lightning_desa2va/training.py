@@ -57,6 +57,8 @@ from lightning_desa2va.tracking import ensure_tracking_store, log_run_config, ta
 log = logging.getLogger(__name__)
 
 CALLBACKS_KEY = "callbacks"
+WHOLE_SPLIT = 1.0
+"""``trainer.limit_val_batches`` scoring every val batch: the final validation's, whatever training used."""
 
 
 @dataclass
@@ -139,7 +141,10 @@ def train_stage(
         checkpoint = resume.checkpoint if resume else None
         with STOP.listening():
             trainer.fit(parts.stage, datamodule=parts.datamodule, ckpt_path=checkpoint, weights_only=True)
-        if parts.stage.last_validated_step != trainer.global_step:
+        limit = trainer.limit_val_batches
+        validated_whole = isinstance(limit, float) and limit == WHOLE_SPLIT
+        if not validated_whole or parts.stage.last_validated_step != trainer.global_step:
+            trainer.limit_val_batches = WHOLE_SPLIT  # training validated on a subset (an int counts batches)
             trainer.validate(parts.stage, parts.datamodule, verbose=False)
         run = StageRun(
             label=parts.stage.label,

@@ -7,10 +7,13 @@ from __future__ import annotations
 import re
 import signal
 from pathlib import Path
+from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from interruptions import TINY_STAGE, start_desa2va
+from lightning.pytorch.callbacks import Callback
 from mlflow.tracking import MlflowClient
 
 from lightning_desa2va.cli import main
@@ -150,3 +153,39 @@ def test_a_refused_resume_leaves_the_finished_run_finished_and_everything_as_it_
     assert f"cannot resume {run.output_dir}" in line and named in line
     assert snapshot(root, run) == before
     assert before[2] == "FINISHED" and read_record(run.output_dir).status == FINISHED
+
+
+class ValidationBatches(Callback):
+    """The number of batches each validation run scored, in order."""
+
+    def __init__(self) -> None:
+        self.runs: list[int] = []
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.runs.append(0)
+
+    def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self.runs[-1] += 1
+
+
+def test_training_may_validate_on_a_subset_but_the_run_is_scored_on_the_whole_split(
+    tmp_path: Path, in_scratch_folder
+) -> None:
+    with in_scratch_folder(tmp_path) as store:
+        overrides = [
+            *TINY_STAGE,
+            "synthetic.videos={train:4,val:3,test:1}",
+            "data.eval_batch_size=2",
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=2",
+            "trainer.limit_val_batches=1",
+            store,
+        ]
+        cfg = compose_config(overrides)
+        ensure_synthetic_shards(cfg)
+        counter = ValidationBatches()
+        run = train_stage(cfg, callbacks=[counter])
+    *during_training, final = counter.runs
+    assert during_training == [1, 1]
+    assert final > 1
+    assert "JF" in run.metrics
