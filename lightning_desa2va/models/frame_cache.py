@@ -8,15 +8,14 @@ time:
 
     features(x) = cache[key(x)] if key(x) in cache else ImageEncoder(x)
 
-One at a time because the encoder's results differ in the last bits with the batch size: a frame's features
-must not depend on which frames it was first met with, or a resumed run (whose cache starts empty) would not
-repeat the uninterrupted one.
-
 where key(x) is a digest of the frame's bytes (with its device and dtype): equal pixels give the frozen
-encoder's equal features, whatever the data set. The cache is bypassed (and emptied) while any encoder weight
-trains or the input needs a gradient, in training mode when the encoder is stochastic (drop path, dropout),
-and emptied when weights are loaded. A frame's features cost 4 bytes × d_model × the cells of the kept
-levels (tiny default: 344 KB; Hiera-L at 1024 px: ~88 MB, so the real-weight configs leave it off).
+encoder's equal features, whatever the data set. One at a time because the encoder's results differ in the
+last bits with the batch size: a frame's features must not depend on which frames it was first met with, or
+a resumed run (whose cache starts empty) would not repeat the uninterrupted one. The cache is bypassed (and
+emptied) while any encoder weight trains or the input needs a gradient, in training mode when the encoder is
+stochastic (drop path, dropout), and emptied when weights are loaded. A frame's features cost 4 bytes ×
+d_model × the cells of the kept levels (tiny default: 344 KB; Hiera-L at 1024 px: ~88 MB). Off by default:
+it saves CPU time a step but no wall time was measured at two threads (docs/findings.md).
 """
 
 from __future__ import annotations
