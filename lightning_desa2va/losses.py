@@ -17,7 +17,12 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers.models.mask2former.modeling_mask2former import sample_point
 
-from lightning_desa2va.models.desa2va import DeSa2VAOutput, MaskRequest
+from lightning_desa2va.models.desa2va import (
+    DECODER_RESOLUTION,
+    IMAGE_RESOLUTION,
+    DeSa2VAOutput,
+    MaskRequest,
+)
 from lightning_desa2va.models.motion_prompt import StatedMotion
 
 
@@ -27,6 +32,15 @@ def dice_loss(logits: Tensor, target: Tensor, smooth: float) -> Tensor:
     target = target.flatten(1)
     overlap = (probs * target).sum(-1)
     return (1 - (2 * overlap + smooth) / (probs.sum(-1) + target.sum(-1) + smooth)).mean()
+
+
+AUX_MASKS = ("text", "visual")
+"""The masks whose loss ``aux_resolution`` places (the fused mask is the answer, scored at full size)."""
+
+
+def covered_share(target: Tensor, size: torch.Size) -> Tensor:
+    """Binary masks [B, T, H, W] as the share of each cell of a coarser ``size`` grid they cover."""
+    return F.adaptive_avg_pool2d(target.flatten(0, 1).float(), size).view(*target.shape[:2], *size)
 
 
 def point_loss(heatmap_logits: Tensor, target: Tensor) -> Tensor:
@@ -149,6 +163,11 @@ class TripleSupervisionLoss(nn.Module):
     L_orth is the decoupler's own penalty (only ``decoupler=linear_ortho`` defines one; with the others
     w_orth has nothing to weigh), L_point (:func:`point_loss`) supervises where a grounded text prompt
     puts its points, L_stated_motion (:func:`stated_motion_loss`) what a motion prompt reads from z_t.
+
+    ``aux_resolution``: where L(M_t) and L(M_v) are scored. ``image``: on the masks upsampled to the image,
+    as L(M_f). ``decoder``: on SAM-2's own low-resolution logits (a quarter of the image a side) against the
+    share of each cell the target covers (its area average), so the aux masks need no upsampling, nor its
+    backward pass; the fused mask, the answer, is always scored at the image's resolution.
     """
 
     def __init__(
@@ -161,8 +180,15 @@ class TripleSupervisionLoss(nn.Module):
         w_lm: float,
         w_point: float = 0.0,
         w_stated_motion: float = 0.0,
+        aux_resolution: str = IMAGE_RESOLUTION,
     ) -> None:
         super().__init__()
+        if aux_resolution not in (IMAGE_RESOLUTION, DECODER_RESOLUTION):
+            raise ValueError(
+                f"loss.aux_resolution is {aux_resolution!r}: it must be "
+                f"{IMAGE_RESOLUTION!r} or {DECODER_RESOLUTION!r}"
+            )
+        self.aux_resolution = aux_resolution
         self.mask = mask
         self.weights = {
             "fused": w_f,
@@ -191,6 +217,7 @@ class TripleSupervisionLoss(nn.Module):
             fused=self.weights["fused"] != 0,
             text=self.weights["text"] != 0 or self.weights["point"] != 0,
             visual=self.weights["visual"] != 0,
+            aux_resolution=self.aux_resolution,
         )
 
     def forward(
@@ -204,12 +231,16 @@ class TripleSupervisionLoss(nn.Module):
         ``stated_motion`` [B, 3] the motion each expression states (the batch's ``stated_motion``), needed
         with ``w_stated_motion``."""
         masks = {"fused": output.fused_logits, "text": output.text_logits, "visual": output.visual_logits}
+        targets = {target.shape[-2:]: target}
         terms = {}
         for name, logits in masks.items():
             if self.weights[name]:
                 if logits is None:
                     raise ValueError(f"loss weighs the {name} mask but the model did not decode it")
-                terms[name] = self.mask(logits, target)
+                size = logits.shape[-2:] if name in AUX_MASKS else target.shape[-2:]
+                if size not in targets and self.aux_resolution == DECODER_RESOLUTION:
+                    targets[size] = covered_share(target, size)
+                terms[name] = self.mask(logits, targets.get(size, target))
         if self.uses_orth and orthogonality is not None:
             terms["orth"] = orthogonality
         if self.uses_lm:

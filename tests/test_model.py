@@ -5,14 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_desa2va.losses import LossTerms, MaskLoss, TripleSupervisionLoss, uncertain_points
+from lightning_desa2va.losses import (
+    LossTerms,
+    MaskLoss,
+    TripleSupervisionLoss,
+    covered_share,
+    uncertain_points,
+)
 from lightning_desa2va.models.decoupler import (
     LinearDecoupler,
     LinearOrthoDecoupler,
     NoDecoupler,
     SegEmbeddings,
 )
-from lightning_desa2va.models.desa2va import DeSa2VAOutput
+from lightning_desa2va.models.desa2va import DeSa2VAOutput, MaskRequest
 
 B, T = 2, 2
 EXPRESSIONS = ["the red circle", "all the blue squares moving left"]
@@ -48,6 +54,23 @@ def test_forward_gives_every_mask_per_frame(model, batch) -> None:
     assert ((out.gate >= 0) & (out.gate <= 1)).all()
     assert out.lm_loss is not None and out.lm_loss.ndim == 0 and torch.isfinite(out.lm_loss)
     assert out.text_heatmap is None  # regressed points are not read from a heatmap
+
+
+def test_aux_masks_at_the_decoders_resolution_are_the_fused_masks_inputs_not_upsampled(model, batch) -> None:
+    size = model.sam.image_size
+    with torch.no_grad():
+        image = forward(model, batch)
+        decoder = forward(model, batch, masks=MaskRequest(aux_resolution="decoder"))
+    for name in ("text_logits", "visual_logits"):
+        low = getattr(decoder, name)
+        assert low.shape == (B, T, size // 4, size // 4)
+        upsampled = model.sam.upsample(low.flatten(0, 1)[:, None])[:, 0].view(B, T, size, size)
+        torch.testing.assert_close(upsampled, getattr(image, name))
+    torch.testing.assert_close(decoder.fused_logits, image.fused_logits)
+    gated = decoder.gate * decoder.text_logits + (1 - decoder.gate) * decoder.visual_logits
+    torch.testing.assert_close(
+        model.sam.upsample(gated.flatten(0, 1)[:, None])[:, 0], image.fused_logits.flatten(0, 1)
+    )
 
 
 def test_segment_text_gives_text_masks_and_points_inside_the_image(model, batch) -> None:
@@ -261,6 +284,28 @@ def test_a_zero_weight_drops_its_mask_term(weight: str, term: str) -> None:
     result = triple(**{weight: 0.0})(output, target, torch.tensor(0.1))
     assert term not in result.terms
     assert len(result.terms) == 4
+
+
+def test_aux_masks_at_the_decoders_resolution_are_scored_against_the_targets_cover_of_each_cell() -> None:
+    target = torch.zeros(2, 2, 8, 8, dtype=torch.bool)
+    target[:, :, :2, :3] = True
+    cover = covered_share(target, torch.Size((4, 4)))
+    assert cover[0, 0, 0].tolist() == [1.0, 0.5, 0.0, 0.0] and cover[0, 0, 1:].sum() == 0
+    output = fake_output(target, lm_loss=torch.tensor(1.0))
+    output.text_logits = torch.randn(2, 2, 4, 4)
+    output.visual_logits = torch.randn(2, 2, 4, 4)
+    loss = triple(aux_resolution="decoder")
+    assert loss.required_masks().aux_resolution == "decoder"
+    result = loss(output, target, torch.tensor(0.1))
+    torch.testing.assert_close(result.terms["text"], loss.mask(output.text_logits, cover))
+    torch.testing.assert_close(result.terms["fused"], loss.mask(output.fused_logits, target))
+    with pytest.raises(ValueError, match="differ"):
+        triple()(output, target, torch.tensor(0.1))  # at the image's resolution the shapes must match
+
+
+def test_an_unknown_aux_resolution_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="loss.aux_resolution is 'pixel'"):
+        triple(aux_resolution="pixel")
 
 
 def test_zero_orth_and_lm_weights_need_neither_input() -> None:

@@ -20,6 +20,9 @@ from lightning_desa2va.models.sam2 import FrameFeatures, LanguagePromptedSAM2, M
 from lightning_desa2va.models.text_prompt import TextPrompt, TextPromptHead
 from lightning_desa2va.models.vlm import SegTokenVLM
 
+IMAGE_RESOLUTION, DECODER_RESOLUTION = "image", "decoder"
+"""Resolutions a text or visual mask can be returned at (:attr:`MaskRequest.aux_resolution`)."""
+
 
 @dataclass(frozen=True)
 class MaskRequest:
@@ -32,6 +35,9 @@ class MaskRequest:
     fused: bool = True
     text: bool = True
     visual: bool = True
+    aux_resolution: str = IMAGE_RESOLUTION
+    """Where the text and visual masks are returned: ``image`` (upsampled, as the fused mask) or
+    ``decoder`` (SAM-2's low-resolution logits, a quarter of the image a side, with no upsampling)."""
 
     def decodes(self, fusion: Fusion) -> tuple[bool, bool]:
         """Whether the text and the visual mask are decoded under ``fusion``."""
@@ -48,7 +54,8 @@ FUSED_ONLY = MaskRequest(fused=True, text=False, visual=False)
 
 @dataclass
 class DeSa2VAOutput:
-    """The masks that were requested per frame [B, T, H, W] (``None``: not requested), and the diagnostics."""
+    """The masks that were requested per frame [B, T, H, W] (``None``: not requested; the text and visual
+    masks [B, T, h, w] at the decoder's resolution if so requested), and the diagnostics."""
 
     text_logits: Tensor | None
     visual_logits: Tensor | None
@@ -201,7 +208,8 @@ class DeSa2VA(nn.Module):
         so e.g. the Sa2VA baseline (``decoupler=none fusion=visual``, w_t = 0) runs one decode per frame.
         The text and the visual prompts share the frames' features and their decoder call where their
         shapes allow; the fusion works at the decoder's resolution and only the requested masks are
-        upsampled, in one call. With ``clip_index`` [B], ``frames`` holds V distinct clips [V, T, 3, H, W]
+        upsampled, in one call (the text and visual masks not at all when ``masks.aux_resolution`` is
+        ``decoder``). With ``clip_index`` [B], ``frames`` holds V distinct clips [V, T, 3, H, W]
         and row b (expression b) reads clip ``clip_index[b]``: SAM-2 encodes each clip once, however many
         expressions ask about it.
         """
@@ -243,10 +251,15 @@ class DeSa2VA(nn.Module):
             )
             if wanted and prediction is not None
         }
-        full: dict[str, Tensor] = {}
+        low_res = {
+            name: requested.pop(name)[:, 0]
+            for name in ("text", "visual")
+            if name in requested and masks.aux_resolution == DECODER_RESOLUTION
+        }
+        full: dict[str, Tensor] = dict(low_res)
         if requested:
             upsampled = self.sam.upsample(torch.cat(list(requested.values()), dim=1))
-            full = dict(zip(requested, upsampled.unbind(1), strict=True))
+            full.update(zip(requested, upsampled.unbind(1), strict=True))
 
         def of_clips(rows: Tensor | None, channel: bool) -> Tensor | None:
             """Rows [B·T, ...] as [B, T, ...], dropping a per-frame channel of 1 (masks [B·T, 1, h, w] →
