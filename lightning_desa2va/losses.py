@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from transformers.models.mask2former.modeling_mask2former import sample_point
 
 from lightning_desa2va.models.desa2va import (
+    AUX_MASKS,
     DECODER_RESOLUTION,
     IMAGE_RESOLUTION,
     DeSa2VAOutput,
@@ -32,10 +33,6 @@ def dice_loss(logits: Tensor, target: Tensor, smooth: float) -> Tensor:
     target = target.flatten(1)
     overlap = (probs * target).sum(-1)
     return (1 - (2 * overlap + smooth) / (probs.sum(-1) + target.sum(-1) + smooth)).mean()
-
-
-AUX_MASKS = ("text", "visual")
-"""The masks whose loss ``aux_resolution`` places (the fused mask is the answer, scored at full size)."""
 
 
 def covered_share(target: Tensor, size: torch.Size) -> Tensor:
@@ -231,16 +228,18 @@ class TripleSupervisionLoss(nn.Module):
         ``stated_motion`` [B, 3] the motion each expression states (the batch's ``stated_motion``), needed
         with ``w_stated_motion``."""
         masks = {"fused": output.fused_logits, "text": output.text_logits, "visual": output.visual_logits}
-        targets = {target.shape[-2:]: target}
+        low_res_target: Tensor | None = None
         terms = {}
         for name, logits in masks.items():
             if self.weights[name]:
                 if logits is None:
                     raise ValueError(f"loss weighs the {name} mask but the model did not decode it")
-                size = logits.shape[-2:] if name in AUX_MASKS else target.shape[-2:]
-                if size not in targets and self.aux_resolution == DECODER_RESOLUTION:
-                    targets[size] = covered_share(target, size)
-                terms[name] = self.mask(logits, targets.get(size, target))
+                mask_target = target
+                if name in AUX_MASKS and self.aux_resolution == DECODER_RESOLUTION:
+                    if low_res_target is None:
+                        low_res_target = covered_share(target, logits.shape[-2:])
+                    mask_target = low_res_target
+                terms[name] = self.mask(logits, mask_target)
         if self.uses_orth and orthogonality is not None:
             terms["orth"] = orthogonality
         if self.uses_lm:

@@ -22,6 +22,8 @@ from lightning_desa2va.models.vlm import SegTokenVLM
 
 IMAGE_RESOLUTION, DECODER_RESOLUTION = "image", "decoder"
 """Resolutions a text or visual mask can be returned at (:attr:`MaskRequest.aux_resolution`)."""
+AUX_MASKS = ("text", "visual")
+"""The masks ``aux_resolution`` places: the fused mask, the answer, is always at the image's resolution."""
 
 
 @dataclass(frozen=True)
@@ -253,7 +255,7 @@ class DeSa2VA(nn.Module):
         }
         low_res = {
             name: requested.pop(name)[:, 0]
-            for name in ("text", "visual")
+            for name in AUX_MASKS
             if name in requested and masks.aux_resolution == DECODER_RESOLUTION
         }
         full: dict[str, Tensor] = dict(low_res)
