@@ -253,15 +253,12 @@ class DeSa2VA(nn.Module):
             )
             if wanted and prediction is not None
         }
-        low_res = {
-            name: requested.pop(name)[:, 0]
-            for name in AUX_MASKS
-            if name in requested and masks.aux_resolution == DECODER_RESOLUTION
-        }
-        full: dict[str, Tensor] = dict(low_res)
-        if requested:
-            upsampled = self.sam.upsample(torch.cat(list(requested.values()), dim=1))
-            full.update(zip(requested, upsampled.unbind(1), strict=True))
+        kept_low = AUX_MASKS if masks.aux_resolution == DECODER_RESOLUTION else ()
+        full = {name: logits[:, 0] for name, logits in requested.items() if name in kept_low}
+        to_upsample = {name: logits for name, logits in requested.items() if name not in kept_low}
+        if to_upsample:
+            upsampled = self.sam.upsample(torch.cat(list(to_upsample.values()), dim=1))
+            full.update(zip(to_upsample, upsampled.unbind(1), strict=True))
 
         def of_clips(rows: Tensor | None, channel: bool) -> Tensor | None:
             """Rows [B·T, ...] as [B, T, ...], dropping a per-frame channel of 1 (masks [B·T, 1, h, w] →
