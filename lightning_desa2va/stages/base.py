@@ -29,7 +29,7 @@ from lightning_desa2va.errors import NonFiniteLossError
 from lightning_desa2va.losses import LossTerms
 from lightning_desa2va.metrics import JFMetric, MaskShareMetric, ReferringIoUMetric, synced
 from lightning_desa2va.models.desa2va import DeSa2VA
-from lightning_desa2va.models.frame_cache import CachingImageEncoder
+from lightning_desa2va.models.frame_cache import KEPT, CachingImageEncoder
 from lightning_desa2va.stages.checkpoints import MODEL_PREFIX, RECORD_KEY, record_of, trainable_only
 from lightning_desa2va.stages.motion import MotionProbe
 from lightning_desa2va.tracking import log_artifacts
@@ -112,10 +112,10 @@ class TrainingStage(pl.LightningModule):
         for module in self.model.modules():
             if isinstance(module, CachingImageEncoder) and module.hits + module.misses:
                 log.info(
-                    "image encoder: %d of %d frames served from its cache (%d kept)",
+                    "image encoder: %d of %d frames served from its cache (%d kept in the process)",
                     module.hits,
                     module.hits + module.misses,
-                    len(module.features),
+                    len(KEPT),
                 )
 
     def trainable_table(self, extra: Iterable[str] = ()) -> str:
