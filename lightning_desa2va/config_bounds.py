@@ -75,6 +75,7 @@ VALUE_BOUNDS = (
     Bound("decoupler.dropout", low=0, high=1, high_open=True),
     Bound("eval.key_frames", low=1),
     Bound("model.sam2.cache_frames", **NON_NEGATIVE),
+    Bound("data.keep_frames", **NON_NEGATIVE),
     Bound("seed", **NON_NEGATIVE),
     Bound("num_threads", low=1),
     Bound("synthetic.videos.*", low=1),

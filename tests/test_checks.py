@@ -64,6 +64,7 @@ def tiny_training_error(capsys: pytest.CaptureFixture, in_scratch_folder, folder
         ("loss.w_v=inf", "'loss.w_v' is inf: it must be a finite number >= 0"),
         ("data.batch_size=-1", "'data.batch_size' is -1: it must be >= 1"),
         ("model.sam2.cache_frames=-1", "'model.sam2.cache_frames' is -1: it must be >= 0"),
+        ("data.keep_frames=-2", "'data.keep_frames' is -2: it must be >= 0"),
         (
             "loss.mask.importance_sample_ratio=1.5",
             "'loss.mask.importance_sample_ratio' is 1.5: it must be in [0, 1]",

@@ -87,6 +87,7 @@ class RefVOSDataModule(pl.LightningDataModule):
         seed: int = 0,
         sampling: str = "random_ordered",
         jpeg_draft: bool = True,
+        keep_frames: int = 0,
         train_mix: list[dict[str, Any]] | None = None,
         samples_per_epoch: int | None = None,
     ) -> None:
@@ -111,7 +112,12 @@ class RefVOSDataModule(pl.LightningDataModule):
         """Where training has read up to on this rank (the batches trained on, not those prefetched)."""
         chat_encoder = ChatEncoder(tokenizer, ChatTemplates(**chat), image_tokens)
         sizes = {"sam_image_size": sam_image_size, "vlm_image_size": vlm_image_size}
-        common = {"pixel_mean": pixel_mean, "pixel_std": pixel_std, "jpeg_draft": jpeg_draft}
+        common = {
+            "pixel_mean": pixel_mean,
+            "pixel_std": pixel_std,
+            "jpeg_draft": jpeg_draft,
+            "keep_frames": keep_frames,
+        }
         self.train_encoder = ClipEncoder(chat_encoder, num_frames, **sizes, **common, sampling=sampling)
         self.eval_encoder = ClipEncoder(chat_encoder, None, **sizes, **common)
 

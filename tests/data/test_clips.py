@@ -11,8 +11,9 @@ from hydra.utils import instantiate
 from source_layouts import HEIGHT, WIDTH, write_mevis
 from torch.nn import functional as F
 
-from lightning_desa2va.data.clips import SAMPLINGS, ClipEncoder, frame_indices, resize_ids
+from lightning_desa2va.data.clips import KEPT_INPUTS, SAMPLINGS, ClipEncoder, frame_indices, resize_ids
 from lightning_desa2va.data.converters.build import build_shards
+from lightning_desa2va.data.schema import VideoSample
 
 
 def test_sampling_strategies_choose_the_documented_frames() -> None:
@@ -98,3 +99,34 @@ def test_eval_batches_of_videos_of_different_lengths_ask_for_batch_size_1(
     loader = datamodule(compose, tokenizer, data_dir, "data.eval_batch_size=4").val_dataloader()
     with pytest.raises(ValueError, match=r"\[3, 4\] frames.*data\.eval_batch_size=1"):
         list(loader)
+
+
+def test_kept_frame_inputs_equal_those_prepared_with_the_clip_and_are_not_decoded_again(
+    compose, tokenizer, resized_val, monkeypatch
+) -> None:
+    data_dir, _ = resized_val
+    one = "data.eval_batch_size=1"
+    prepared = list(datamodule(compose, tokenizer, data_dir, one, "data.keep_frames=0").val_dataloader())
+    keeping = datamodule(compose, tokenizer, data_dir, one, "data.keep_frames=64")
+    first = list(keeping.val_dataloader())
+    decoded = []
+    frame = VideoSample.frame
+    monkeypatch.setattr(
+        VideoSample, "frame", lambda video, *args: decoded.append(args) or frame(video, *args)
+    )
+    again = list(keeping.val_dataloader())
+    assert decoded == []
+    for clip, kept, met_again in zip(prepared, first, again, strict=True):
+        for key in ("frames", "vlm_pixels"):
+            assert torch.equal(kept[key], clip[key])
+            assert torch.equal(met_again[key], clip[key])
+
+
+def test_only_the_frames_used_last_are_kept(compose, tokenizer, resized_val) -> None:
+    data_dir, _ = resized_val
+    list(
+        datamodule(
+            compose, tokenizer, data_dir, "data.eval_batch_size=1", "data.keep_frames=2"
+        ).val_dataloader()
+    )
+    assert len(KEPT_INPUTS) == 2
