@@ -264,6 +264,8 @@ def test_the_ablation_table_gives_intervals_and_paired_differences_from_the_cont
     assert low < statistics.fmean(means) < high and high - low < 0.2
     assert float(orthogonal["Δ vs control"].split()[0]) == pytest.approx(0.05, abs=0.01)
     assert "≈" not in orthogonal["Δ vs control"]
+    resolution = 2 / (spec.stats.resamples + 1)  # no resample crossed 0: the smallest p it can tell
+    assert orthogonal["Δ vs control"].endswith(f"p={resolution:.3f}") and resolution > 0.0005
     assert rows[f"sa2va_baseline ({BASELINE_LABEL})"]["Δ vs control"] == "control"
     tied = [rows[name]["Δ vs best"] for name in ("linear", "linear_ortho")]  # one mean: not told apart
     assert "best" in tied and any(cell.endswith("≈") for cell in tied)

@@ -127,7 +127,7 @@ def interval_cell(interval: Interval | None) -> str:
 
 
 def difference_cell(difference: Interval | None) -> str:
-    """``+0.170 [+0.151, +0.188] p=0.000``, with ``≈`` when the interval contains 0."""
+    """``+0.170 [+0.151, +0.188] p=0.001``, with ``≈`` when the interval contains 0."""
     if difference is None:
         return MISSING
     text = (

@@ -138,6 +138,7 @@ def paired_difference(
     means_a, means_b = resampled_means([a, b], resamples, seed)
     differences = means_a - means_b
     interval = percentile(differences, float(a.mean() - b.mean()), confidence)
-    far_side = min(np.mean(differences <= 0), np.mean(differences >= 0))
-    interval.p_value = float(min(1.0, 2 * far_side))
+    far_side = min(np.sum(differences <= 0), np.sum(differences >= 0))
+    # add one: no resample on the far side says p < 2 / (B + 1), the bootstrap's resolution, not p = 0
+    interval.p_value = float(min(1.0, 2 * (far_side + 1) / (differences.size + 1)))
     return interval
