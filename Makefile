@@ -13,11 +13,13 @@ install: $(STAMP)
 
 # torch + torchvision come from the registry (the CUDA build runs on CPU; no CPU torchvision exists), pinned
 # with everything else in requirements.lock; sam2 is an sdist built without CUDA and without build isolation
-# (isolation would pull a second torch into the build env).
-$(STAMP): requirements.lock pyproject.toml
+# (isolation would pull a second torch into the build env). Bytecode is compiled once here: uv does not by
+# default, and where PYTHONDONTWRITEBYTECODE is set every process would compile its imports again (~11 s a
+# process on 2 cores).
+$(STAMP): requirements.lock pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet uv==0.13.8
-	$(UV) pip sync --python $(BIN)/python requirements.lock
+	$(UV) pip sync --python $(BIN)/python --compile-bytecode requirements.lock
 	SAM2_BUILD_CUDA=0 $(UV) pip install --python $(BIN)/python --no-build-isolation --no-deps sam2==1.1.0
 	$(UV) pip install --python $(BIN)/python --no-deps -e .
 	touch $(STAMP)
