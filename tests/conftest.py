@@ -19,9 +19,9 @@ EXPERIMENTS_DIR = REPO_ROOT / "experiments"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules marked ``long(seconds=...)`` (minutes of training or several processes) first, the longest
-    first: ``make test`` hands whole modules to two workers in this order, so neither is left running a long
-    one alone at the end."""
+    """Modules marked ``long(seconds=...)`` (the slowest: minutes of training, several processes, many
+    configs composed; seconds as measured in ``make test``) first, the longest first: ``make test`` hands
+    whole modules to two workers in this order, so neither is left running a long one alone at the end."""
 
     def expected_seconds(item: pytest.Item) -> float:
         marker = item.get_closest_marker("long")

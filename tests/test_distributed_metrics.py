@@ -15,7 +15,7 @@ from distributed_runs import on_two_ranks
 
 from lightning_desa2va.metrics import JFMetric, PerTypeMean, synced
 
-pytestmark = pytest.mark.long(seconds=25)  # two processes
+pytestmark = pytest.mark.long(seconds=13)  # two processes
 
 TYPES = ["static", "motion"]
 QA_HITS = [1.0, 0.0]

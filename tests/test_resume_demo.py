@@ -1,5 +1,6 @@
 """A demo killed (SIGKILL) in stage 2 and run again with ``resume=auto`` continues with stage 1 reused, as it
-finished, and prints the uninterrupted demo's table (its own module: the longest of the resume tests)."""
+finished, and prints the uninterrupted demo's table (its own module, so that the two workers share the resume
+tests)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from interruptions import EXPERIMENTS_DIR, TINY_DEMO, desa2va, die_at_step
 from lightning_desa2va.pipeline import run_pipeline
 from lightning_desa2va.runs import FINISHED, read_pipeline, read_record
 
-pytestmark = pytest.mark.long(seconds=115)
+pytestmark = pytest.mark.long(seconds=32)
 
 
 def test_a_demo_killed_in_stage_2_resumes_with_stage_1_reused_and_prints_the_same_table(
