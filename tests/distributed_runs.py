@@ -7,7 +7,6 @@ script this module is that job (Lightning starts rank 1 by running the same scri
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import signal
 import socket
@@ -17,6 +16,8 @@ import tarfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from cli_processes import SERVER
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
 GROUP_DEADLINE_S = 60
@@ -74,8 +75,7 @@ def on_two_ranks(work: Callable[[int, Path], None], folder: Path) -> None:
     with socket.socket() as probe:  # a free port for the group's rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    context = multiprocessing.get_context("spawn")
-    ranks = [context.Process(target=_in_group, args=(rank, port, work, folder)) for rank in range(2)]
+    ranks = [SERVER.Process(target=_in_group, args=(rank, port, work, folder)) for rank in range(2)]
     for process in ranks:
         process.start()
     for process in ranks:

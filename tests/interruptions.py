@@ -4,11 +4,20 @@ step (SIGKILL: nothing saved at the kill) or that run the ``desa2va`` command it
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
-import sys
 from pathlib import Path
+from typing import Any
 
+import lightning.pytorch as pl
+from cli_processes import CommandProcess, start
 from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+
+from lightning_desa2va.cli import main
+from lightning_desa2va.config import compose_config
+from lightning_desa2va.pipeline import run_pipeline
+from lightning_desa2va.training import train_stage
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
 TINY_STAGE = [
@@ -38,88 +47,62 @@ TINY_DEMO = [
 ]
 """The demo's two stages, 6 steps each, validated at steps 3 and 6, checkpointed every 2 steps."""
 
-DIE_AT_STEP = """
-import os, signal, sys
-from pathlib import Path
 
-import lightning.pytorch as pl
+class StopAt(pl.Callback):
+    """Stops this process with a signal at training step ``step``."""
 
-from lightning_desa2va.config import compose_config
-from lightning_desa2va.pipeline import run_pipeline
-from lightning_desa2va.training import train_stage
-
-job, stage, step, overrides = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+    def __init__(self, step: int) -> None:
+        self.step = step
 
 
-class DieAt(pl.Callback):
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == step:
+class DieAt(StopAt):
+    """SIGKILL at the end of the step: nothing is saved."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-class TermInValidation(pl.Callback):
-    def on_validation_batch_start(self, trainer, *args):
-        if trainer.global_step == step and trainer.state.fn == "fit":
+class TermInValidation(StopAt):
+    """SIGTERM as the validation after the step starts."""
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step and trainer.state.fn == "fit":
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def callbacks(cfg):
-    if cfg.run.choices.stage != stage:
-        return []
-    return [TermInValidation() if os.environ.get("SIGNAL") == "SIGTERM" else DieAt()]
+def train_until(job: str, stage: str, stopper: StopAt, overrides: list[str]) -> None:
+    """``job`` (train: one stage; demo: the pipeline) with ``stopper`` in ``stage``'s callbacks."""
 
+    def callbacks(cfg: DictConfig) -> list[pl.Callback]:
+        return [stopper] if cfg.run.choices.stage == stage else []
 
-if job == "train":
-    cfg = compose_config(overrides)
-    train_stage(cfg, callbacks=callbacks(cfg))
-else:
-    run_pipeline(overrides, Path(os.environ["EXPERIMENTS_DIR"]), stage_callbacks=callbacks)
-"""
-
-
-def environment() -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
-    return {**env, "EXPERIMENTS_DIR": str(EXPERIMENTS_DIR)}
+    if job == "train":
+        cfg = compose_config(overrides)
+        train_stage(cfg, callbacks=callbacks(cfg))
+    else:
+        run_pipeline(overrides, EXPERIMENTS_DIR, stage_callbacks=callbacks)
 
 
 def die_at_step(root: Path, job: str, stage: str, step: int, overrides: list[str]) -> int:
     """Run ``job`` (train: one stage; demo: the pipeline) in a process that SIGKILLs itself at the end of
     ``step`` of ``stage``; its return code."""
-    command = [sys.executable, "-c", DIE_AT_STEP, job, stage, str(step), *overrides]
-    return subprocess.run(command, cwd=root, env=environment(), capture_output=True, text=True).returncode
+    return start(root, train_until, job, stage, DieAt(step), overrides).wait()
 
 
 def term_in_validation(root: Path, step: int, overrides: list[str]) -> subprocess.CompletedProcess:
     """Train one stage in a process that sends itself SIGTERM as the validation after ``step`` starts."""
-    command = [sys.executable, "-c", DIE_AT_STEP, "train", "text_pretrain", str(step), *overrides]
-    env = {**environment(), "SIGNAL": "SIGTERM"}
-    return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+    return start(root, train_until, "train", "text_pretrain", TermInValidation(step), overrides).result()
+
+
+def start_desa2va(root: Path, *args: str) -> CommandProcess:
+    """The ``desa2va`` command started in ``root``."""
+    return start(root, main, ["--experiments-dir", str(EXPERIMENTS_DIR), *args])
 
 
 def desa2va(root: Path, *args: str) -> subprocess.CompletedProcess:
-    """The ``desa2va`` command run in ``root``."""
-    command = [
-        sys.executable,
-        "-m",
-        "lightning_desa2va.cli",
-        "--experiments-dir",
-        str(EXPERIMENTS_DIR),
-        *args,
-    ]
-    return subprocess.run(command, cwd=root, env=environment(), capture_output=True, text=True)
-
-
-def start_desa2va(root: Path, *args: str) -> subprocess.Popen:
-    """The ``desa2va`` command started in ``root`` (its log on stderr, line by line)."""
-    command = [
-        sys.executable,
-        "-m",
-        "lightning_desa2va.cli",
-        "--experiments-dir",
-        str(EXPERIMENTS_DIR),
-        *args,
-    ]
-    return subprocess.Popen(command, cwd=root, env=environment(), stderr=subprocess.PIPE, text=True)
+    """The ``desa2va`` command run in ``root`` to its end."""
+    return start_desa2va(root, *args).result()
 
 
 def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:

@@ -1,4 +1,4 @@
-"""A process's first use of a fresh MLflow store, in a module light enough for ``spawn`` to import quickly."""
+"""A process's first use of a fresh MLflow store, in a module a child process imports (no test module)."""
 
 from __future__ import annotations
 

@@ -1,17 +1,17 @@
 """What the sweep tests share: a tiny spec (one stage, a few steps, a handful of videos), the sweep command
-as a process of its own, and the study read back from Optuna and MLflow."""
+as a process of its own (``cli_processes``), and the study read back from Optuna and MLflow."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import optuna
 import yaml
+from cli_processes import CommandProcess, start
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
+
+from lightning_desa2va.cli import main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO_ROOT / "experiments"
@@ -64,30 +64,15 @@ def tracking_uri(root: Path) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
-def sweep_command(root: Path, spec: Path, *options: str, tracking: str | None = None) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "lightning_desa2va.cli",
-        "--experiments-dir",
-        str(EXPERIMENTS),
-        "sweep",
-        str(spec),
-        f"logger.tracking_uri={tracking or tracking_uri(root)}",
-        *options,
-    ]
-
-
 def start_sweep(
     root: Path, spec: Path, *options: str, tracking: str | None = None, log_name: str = "sweep.log"
-) -> subprocess.Popen:
+) -> CommandProcess:
     """``desa2va sweep`` as its own process in ``root`` (its log in ``root/<log_name>``), logging to the
     local store in ``root`` unless ``tracking`` names another."""
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log = (root / log_name).open("a")
-    command = sweep_command(root, spec, *options, tracking=tracking)
-    return subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    argv = ["--experiments-dir", str(EXPERIMENTS), "sweep", str(spec)]
+    log = root / log_name
+    store = f"logger.tracking_uri={tracking or tracking_uri(root)}"
+    return start(root, main, [*argv, store, *options], stdout=log, stderr=log)
 
 
 def run_sweep_process(root: Path, spec: Path, *options: str, timeout: float = 600) -> None:

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import errno
 import logging
-import multiprocessing
 import re
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from cli_processes import SERVER
 from interruptions import TINY_STAGE
 from mlflow.tracking import MlflowClient
 from store_creation import create_store
@@ -165,8 +165,7 @@ def test_a_checkpoint_write_that_fails_keeps_the_previous_one_and_says_so_in_one
 
 def test_first_runs_on_a_fresh_mlflow_store_do_not_race(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=create_store, args=(uri,)) for _ in range(2)]
+    processes = [SERVER.Process(target=create_store, args=(uri,)) for _ in range(2)]
     for process in processes:
         process.start()
     for process in processes:

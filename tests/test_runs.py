@@ -48,11 +48,11 @@ def test_a_signal_saves_last_ckpt_at_its_step_and_exits_with_128_plus_it(
         overrides = [*TINY_STAGE, *LONG, store]
         ensure_synthetic_shards(compose_config(overrides))
     process = start_desa2va(tmp_path, "train", *overrides)
-    for line in process.stderr:  # a log line per step: signal once a few steps are done
+    for line in process.error_lines():  # a log line per step: signal once a few steps are done
         if (match := STEP_LINE.search(line)) and int(match[1]) >= SIGNAL_AFTER_STEP:
             break
     process.send_signal(signum)
-    _, log = process.communicate(timeout=300)
+    log = process.result(timeout=300).stderr
 
     assert process.returncode == exit_code, log[-3000:]
     last = log.strip().splitlines()[-1]

@@ -1,0 +1,138 @@
+"""Commands in processes of their own that do not import the stack again.
+
+``python -m lightning_desa2va.cli`` spends about 8 s importing torch, Lightning, transformers and MLflow
+before it reads its arguments, and the tests that stop, kill and resume runs start about fifteen commands.
+Each is forked instead from a :mod:`multiprocessing` fork server that imported those modules once per test
+worker. It is still a process of its own (its pid, signals, exit status, standard streams, working folder and
+environment) that runs the command's own ``main(argv)`` and ends as Python ends one: its atexit handlers run
+and its streams are flushed. Tests of the entry point itself start Python (``test_sweep_spec``, the DDP job).
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+SERVER = multiprocessing.get_context("forkserver")
+SERVER.set_forkserver_preload(
+    ["lightning_desa2va.cli", "lightning_desa2va.pipeline", "lightning_desa2va.tuning.sweep"]
+)
+POLL_S = 0.1
+
+
+def command_environment() -> dict[str, str]:
+    """The tests' environment without a tracking URI: each command names its own store."""
+    return {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+
+
+class CommandProcess:
+    """A started command, read as a :class:`subprocess.Popen` is (``pid``, ``poll``, ``wait``, signals),
+    its standard output and error in files."""
+
+    def __init__(self, process: BaseProcess, stdout: Path, stderr: Path) -> None:
+        self.process, self.stdout, self.stderr = process, stdout, stderr
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status; minus the signal's number for a process a signal ended."""
+        return self.process.exitcode
+
+    def poll(self) -> int | None:
+        return None if self.process.is_alive() else self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.process.join(timeout)
+        if self.process.is_alive():
+            raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.process.kill()
+
+    def error_lines(self) -> Iterator[str]:
+        """Standard error line by line as it is written, until the process ends."""
+        pending = ""
+        with self.stderr.open() as stream:
+            while True:
+                ended = self.poll() is not None  # before the read: what was written by the end is read
+                pending += stream.read()
+                *lines, pending = pending.split("\n")
+                yield from (f"{line}\n" for line in lines)
+                if ended:
+                    yield from [pending] if pending else []
+                    return
+                time.sleep(POLL_S)
+
+    def result(self, timeout: float | None = None) -> subprocess.CompletedProcess:
+        """Wait for the end; the exit status and both streams' text."""
+        code = self.wait(timeout)
+        return subprocess.CompletedProcess(
+            str(self.pid), code, self.stdout.read_text(), self.stderr.read_text()
+        )
+
+
+def start(
+    root: Path,
+    function: Callable[..., Any],
+    *args: Any,
+    env: dict[str, str] | None = None,
+    stdout: Path | None = None,
+    stderr: Path | None = None,
+) -> CommandProcess:
+    """``function(*args)`` in a process of its own working in ``root`` with ``env`` (the tests' own, less the
+    tracking URI, by default); its output appended to ``stdout`` and ``stderr`` (one file may take both; new
+    files in ``root`` by default)."""
+    stamp = time.monotonic_ns()
+    stdout = stdout or root / f"stdout-{stamp}.log"
+    stderr = stderr or root / f"stderr-{stamp}.log"
+    for path in (stdout, stderr):
+        path.touch()
+    environment = command_environment() if env is None else env
+    process = SERVER.Process(target=_run, args=(function, args, root, environment, stdout, stderr))
+    process.start()
+    return CommandProcess(process, stdout, stderr)
+
+
+def _run(
+    function: Callable[..., Any], args: tuple, root: Path, env: dict[str, str], stdout: Path, stderr: Path
+) -> None:
+    """In the new process: its folder, environment and streams, then ``function`` and Python's own exit
+    (atexit handlers, flushed streams, the status of ``SystemExit`` or 1 with the traceback printed)."""
+    os.chdir(root)
+    os.environ.clear()
+    os.environ.update(env)
+    for path, descriptor in ((stdout, 1), (stderr, 2)):
+        with path.open("a") as stream:
+            os.dup2(stream.fileno(), descriptor)
+    code = 0
+    try:
+        function(*args)
+    except SystemExit as exit_:
+        if exit_.code is None or isinstance(exit_.code, int):
+            code = exit_.code or 0
+        else:
+            sys.stderr.write(f"{exit_.code}\n")
+            code = 1
+    except BaseException:  # as Python reports an uncaught error
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
