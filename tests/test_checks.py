@@ -25,7 +25,7 @@ from lightning_desa2va.errors import CheckpointError
 from lightning_desa2va.pipeline import ensure_synthetic_shards
 from lightning_desa2va.runs import FAILED, read_record
 
-pytestmark = pytest.mark.long(seconds=27)  # mostly first runs racing on fresh MLflow stores
+pytestmark = pytest.mark.long(seconds=17)  # the racing first runs start a fork server
 
 
 @pytest.fixture(autouse=True)

@@ -25,7 +25,7 @@ from lightning_desa2va.config import compose_config
 from lightning_desa2va.pipeline import evaluate_checkpoint
 from lightning_desa2va.runs import read_record
 
-pytestmark = pytest.mark.long(seconds=29)  # two processes
+pytestmark = pytest.mark.long(seconds=27)  # two processes
 
 SCORE_TOLERANCE = 1e-5
 """J&F of two processes against one: the same masks, scored in a different batching."""

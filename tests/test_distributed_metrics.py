@@ -15,8 +15,6 @@ from distributed_runs import on_two_ranks
 
 from lightning_desa2va.metrics import JFMetric, PerTypeMean, synced
 
-pytestmark = pytest.mark.long(seconds=13)  # two processes
-
 TYPES = ["static", "motion"]
 QA_HITS = [1.0, 0.0]
 SCORES = "scores-rank{rank}.json"

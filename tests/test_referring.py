@@ -18,7 +18,7 @@ from lightning_desa2va.pipeline import ensure_synthetic_shards
 from lightning_desa2va.stages.checkpoints import load_model_weights
 from lightning_desa2va.training import train_stage
 
-pytestmark = pytest.mark.long(seconds=110)
+pytestmark = pytest.mark.long(seconds=73)
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
 SHORT_RUN = [

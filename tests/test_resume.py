@@ -25,7 +25,7 @@ from lightning_desa2va.pipeline import ensure_synthetic_shards
 from lightning_desa2va.runs import FINISHED, RUNNING, read_record
 from lightning_desa2va.training import StageRun, train_stage
 
-pytestmark = pytest.mark.long(seconds=52)
+pytestmark = pytest.mark.long(seconds=13)
 
 
 @pytest.fixture(autouse=True)

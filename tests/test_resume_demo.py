@@ -13,7 +13,7 @@ from interruptions import EXPERIMENTS_DIR, TINY_DEMO, desa2va, die_at_step
 from lightning_desa2va.pipeline import run_pipeline
 from lightning_desa2va.runs import FINISHED, read_pipeline, read_record
 
-pytestmark = pytest.mark.long(seconds=32)
+pytestmark = pytest.mark.long(seconds=13)
 
 
 def test_a_demo_killed_in_stage_2_resumes_with_stage_1_reused_and_prints_the_same_table(

@@ -22,7 +22,7 @@ from lightning_desa2va.pipeline import ensure_synthetic_shards
 from lightning_desa2va.runs import FINISHED, INTERRUPTED, RUN_FILE, read_record
 from lightning_desa2va.training import StageRun, train_stage
 
-pytestmark = pytest.mark.long(seconds=35)
+pytestmark = pytest.mark.long(seconds=13)
 
 STEP_LINE = re.compile(r"train steps (\d+)/")
 SIGNAL_AFTER_STEP = 3

@@ -19,7 +19,7 @@ from sweep_runs import LONGER_TRIALS, load_study, mlflow_runs, run_sweep_process
 
 from lightning_desa2va.runs import FINISHED, read_pipeline, read_record
 
-pytestmark = pytest.mark.long(seconds=60)
+pytestmark = pytest.mark.long(seconds=26)
 
 POLL_S = 0.5
 WAIT_S = 600

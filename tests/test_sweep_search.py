@@ -14,7 +14,7 @@ from lightning_desa2va.tuning.metric_names import STAGE_METRICS
 from lightning_desa2va.tuning.spec import load_spec
 from lightning_desa2va.tuning.sweep import run_sweep
 
-pytestmark = pytest.mark.long(seconds=21)
+pytestmark = pytest.mark.long(seconds=18)
 
 W_ORTH = "loss.w_orth"
 TWO_STAGES = [

@@ -35,7 +35,7 @@ from lightning_desa2va.tuning.spec import (
     param_overrides,
 )
 
-pytestmark = pytest.mark.long(seconds=55)  # every shipped spec's trials composed
+pytestmark = pytest.mark.long(seconds=48)  # every shipped spec's trials composed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BAD_SPEC_SECONDS = 10

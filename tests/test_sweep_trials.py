@@ -15,6 +15,8 @@ from lightning_desa2va.cli import main
 from lightning_desa2va.tuning.spec import load_spec
 from lightning_desa2va.tuning.sweep import run_sweep
 
+pytestmark = pytest.mark.long(seconds=19)
+
 LR = "stage.optimizer.lr"
 HUGE = 1.0e30
 

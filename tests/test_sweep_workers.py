@@ -18,7 +18,7 @@ from sweep_runs import REPO_ROOT, load_study, mlflow_runs, run_sweep_process, tr
 from lightning_desa2va.tuning.ablation import collect_variants, comparison_table
 from lightning_desa2va.tuning.spec import load_spec
 
-pytestmark = pytest.mark.long(seconds=52)
+pytestmark = pytest.mark.long(seconds=41)
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "compare_variants.ipynb"
 NOTEBOOK_TIMEOUT_S = 300

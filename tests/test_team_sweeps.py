@@ -23,7 +23,7 @@ from sweep_runs import EXPERIMENTS, LONGER_TRIALS, start_sweep, write_spec
 from lightning_desa2va.cli import main
 from lightning_desa2va.services import Services
 
-pytestmark = pytest.mark.long(seconds=80)
+pytestmark = pytest.mark.long(seconds=52)
 
 STUDY = "team"
 MACHINES = 3
