@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -144,11 +147,24 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     def _save_and_stop(self, trainer: pl.Trainer) -> None:
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-        signum = STOP.signum or 0
-        raise RunInterrupted(
-            signum,
-            f"{signal_name(signum)}: stopped at step {trainer.global_step}, saved {self.last_model_path}",
-        )
+        raise saved_stop(trainer, STOP.signum or 0)
+
+
+def saved_stop(trainer: pl.Trainer, signum: int) -> RunInterrupted:
+    """The stop of a run whose ``last.ckpt`` holds its step: what the command prints and exits with."""
+    step, saved = trainer.global_step, trainer.checkpoint_callback.last_model_path
+    return RunInterrupted(signum, f"{signal_name(signum)}: stopped at step {step}, saved {saved}")
+
+
+@contextmanager
+def lightning_stop_as_ours(trainer: pl.Trainer) -> Iterator[None]:
+    """Lightning's own SIGTERM stop (``SIGTERMException``, a ``SystemExit`` of status 0) comes where
+    :class:`ResumableCheckpoint` does not look (a signal after its last check of an epoch, stopped at the
+    epoch's end); its ``on_exception`` saved ``last.ckpt``, and the run stops as from those checks."""
+    try:
+        yield
+    except SIGTERMException as stopped:
+        raise saved_stop(trainer, STOP.signum or signal.SIGTERM) from stopped
 
 
 class StepSeed(pl.Callback):

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_desa2va.baselines import score_union_baseline
 from lightning_desa2va.build import build_components
+from lightning_desa2va.callbacks import lightning_stop_as_ours
 from lightning_desa2va.config import save_config
 from lightning_desa2va.data.datamodule import TEST, TRAIN, VAL
 from lightning_desa2va.errors import RunInterrupted
@@ -139,7 +140,7 @@ def train_stage(
                 on_open(output_dir)
             log.info("run folder: %s", output_dir)
         checkpoint = resume.checkpoint if resume else None
-        with STOP.listening():
+        with STOP.listening(), lightning_stop_as_ours(trainer):
             trainer.fit(parts.stage, datamodule=parts.datamodule, ckpt_path=checkpoint, weights_only=True)
         limit = trainer.limit_val_batches
         validated_whole = isinstance(limit, float) and limit == WHOLE_SPLIT

@@ -71,6 +71,15 @@ class TermInValidation(StopAt):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class TermAtEpochEnd(StopAt):
+    """SIGTERM as the epoch that ends with the step ends: after the checkpoint callback's last look at the
+    epoch's steps, before Lightning's own look at the signal."""
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 def train_until(job: str, stage: str, stopper: StopAt, overrides: list[str]) -> None:
     """``job`` (train: one stage; demo: the pipeline) with ``stopper`` in ``stage``'s callbacks."""
 
@@ -90,9 +99,9 @@ def die_at_step(root: Path, job: str, stage: str, step: int, overrides: list[str
     return start(root, train_until, job, stage, DieAt(step), overrides).wait()
 
 
-def term_in_validation(root: Path, step: int, overrides: list[str]) -> subprocess.CompletedProcess:
-    """Train one stage in a process that sends itself SIGTERM as the validation after ``step`` starts."""
-    return start(root, train_until, "train", "text_pretrain", TermInValidation(step), overrides).result()
+def stopped_by(root: Path, stopper: StopAt, overrides: list[str]) -> subprocess.CompletedProcess:
+    """Train one stage (``text_pretrain``) in a process that ``stopper`` stops."""
+    return start(root, train_until, "train", "text_pretrain", stopper, overrides).result()
 
 
 def start_desa2va(root: Path, *args: str) -> CommandProcess:

@@ -1,6 +1,8 @@
 """Interrupted training loses nothing: a stage killed (SIGKILL) between checkpoints and continued with
 ``resume=auto`` ends exactly as an uninterrupted run (the same losses step by step, the same val J&F) in the
-same folder and MLflow run, no step logged twice (a killed demo: tests/test_resume_demo.py)."""
+same folder and MLflow run, no step logged twice; so does one stopped by SIGTERM in a validation, and one
+that Lightning's own check stops at an epoch's end ends with the same scores (a killed demo:
+tests/test_resume_demo.py)."""
 
 from __future__ import annotations
 
@@ -13,16 +15,19 @@ import pytest
 import torch
 from interruptions import (
     TINY_STAGE,
+    StopAt,
+    TermAtEpochEnd,
+    TermInValidation,
     desa2va,
     die_at_step,
     metric_steps,
-    term_in_validation,
+    stopped_by,
 )
 from mlflow.tracking import MlflowClient
 
 from lightning_desa2va.config import compose_config
 from lightning_desa2va.pipeline import ensure_synthetic_shards
-from lightning_desa2va.runs import FINISHED, RUNNING, read_record
+from lightning_desa2va.runs import FINISHED, INTERRUPTED, RUNNING, read_record
 from lightning_desa2va.training import StageRun, train_stage
 
 pytestmark = pytest.mark.long(seconds=13)
@@ -78,15 +83,37 @@ def test_a_stage_killed_between_checkpoints_resumes_to_the_uninterrupted_result(
     the_same_run(root, overrides[-1], killed, reference)
 
 
-def test_a_stage_stopped_during_a_validation_validates_again_when_resumed(uninterrupted) -> None:
-    root, overrides, reference = uninterrupted
-    stopped = term_in_validation(root, 5, overrides)
+def stopped_at_step_5(root: Path, stopper: StopAt, overrides: list[str]) -> Path:
+    """Stop the stage with ``stopper``; the ``last.ckpt`` it said it saved, checked to hold step 5."""
+    stopped = stopped_by(root, stopper, overrides)
     last = stopped.stderr.strip().splitlines()[-1]
-    match = re.search(r"SIGTERM: stopped at step 5, saved (\S+)", last)
+    match = re.search(r"RunInterrupted: SIGTERM: stopped at step 5, saved (\S+)", last)
     assert match, stopped.stderr[-3000:]
     checkpoint = Path(match[1])
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 5
+    assert read_record(checkpoint.parent.parent).status == INTERRUPTED
+    return checkpoint
+
+
+def test_a_stage_stopped_during_a_validation_validates_again_when_resumed(uninterrupted) -> None:
+    root, overrides, reference = uninterrupted
+    checkpoint = stopped_at_step_5(root, TermInValidation(5), overrides)
 
     result = desa2va(root, "train", *overrides, f"resume_from={checkpoint}")
 
     assert result.returncode == 0, result.stderr[-3000:]
     the_same_run(root, overrides[-1], checkpoint.parent.parent, reference)
+
+
+def test_a_sigterm_lightning_sees_first_stops_the_stage_as_any_other(uninterrupted) -> None:
+    """At an epoch's end, after the checkpoint callback's last look at the epoch, Lightning's own stop
+    (``SIGTERMException``, a ``SystemExit`` of status 0) stops the run as the project's does: saved at its
+    step, interrupted; resumed, it ends with the uninterrupted run's scores."""
+    root, overrides, reference = uninterrupted
+    checkpoint = stopped_at_step_5(root, TermAtEpochEnd(5), overrides)
+
+    result = desa2va(root, "train", *overrides, f"resume_from={checkpoint}")
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = read_record(checkpoint.parent.parent)
+    assert record.status == FINISHED and record.results["val"] == reference.metrics
