@@ -11,6 +11,7 @@ and its streams are flushed. Tests of the entry point itself start Python (``tes
 from __future__ import annotations
 
 import atexit
+import contextlib
 import multiprocessing
 import os
 import subprocess
@@ -27,6 +28,8 @@ SERVER.set_forkserver_preload(
     ["lightning_desa2va.cli", "lightning_desa2va.pipeline", "lightning_desa2va.tuning.sweep"]
 )
 POLL_S = 0.1
+STARTED: list[CommandProcess] = []
+"""The commands :func:`start` started, for :func:`stop_left_running`."""
 
 
 def command_environment() -> dict[str, str]:
@@ -60,22 +63,26 @@ class CommandProcess:
         return self.returncode
 
     def send_signal(self, signum: int) -> None:
-        os.kill(self.pid, signum)
+        """Signal the command if it still runs (its pid may be another process's once it has ended)."""
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):  # it ended since the poll
+                os.kill(self.pid, signum)
 
     def kill(self) -> None:
         self.process.kill()
 
     def error_lines(self) -> Iterator[str]:
-        """Standard error line by line as it is written, until the process ends."""
-        pending = ""
-        with self.stderr.open() as stream:
+        """Standard error line by line as it is written, until the process ends (a line is decoded once it
+        is whole, so a character written in two parts is read as one)."""
+        pending = b""
+        with self.stderr.open("rb") as stream:
             while True:
                 ended = self.poll() is not None  # before the read: what was written by the end is read
                 pending += stream.read()
-                *lines, pending = pending.split("\n")
-                yield from (f"{line}\n" for line in lines)
+                *lines, pending = pending.split(b"\n")
+                yield from (f"{line.decode()}\n" for line in lines)
                 if ended:
-                    yield from [pending] if pending else []
+                    yield from [pending.decode()] if pending else []
                     return
                 time.sleep(POLL_S)
 
@@ -106,7 +113,18 @@ def start(
     environment = command_environment() if env is None else env
     process = SERVER.Process(target=_run, args=(function, args, root, environment, stdout, stderr))
     process.start()
-    return CommandProcess(process, stdout, stderr)
+    STARTED.append(CommandProcess(process, stdout, stderr))
+    return STARTED[-1]
+
+
+def stop_left_running() -> None:
+    """Kill and reap every started command still running (a failed test's): multiprocessing would otherwise
+    wait for it when the test process exits."""
+    while STARTED:
+        command = STARTED.pop()
+        if command.poll() is None:
+            command.kill()
+            command.process.join()
 
 
 def _run(

@@ -211,3 +211,12 @@ def real_weights(tmp_path_factory: pytest.TempPathFactory, compose: Callable[...
 
     sam2 = compose().model.sam2
     return write_real_weights(tmp_path_factory.mktemp("weights"), sam2.config_name, list(sam2.overrides))
+
+
+@pytest.fixture(autouse=True)
+def _no_command_outlives_its_test() -> Iterator[None]:
+    """A test that fails while a command of ``cli_processes`` runs leaves it killed, not running on."""
+    yield
+    from cli_processes import stop_left_running
+
+    stop_left_running()
