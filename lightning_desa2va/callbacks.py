@@ -164,7 +164,7 @@ def lightning_stop_as_ours(trainer: pl.Trainer) -> Iterator[None]:
     try:
         yield
     except SIGTERMException as stopped:
-        raise saved_stop(trainer, STOP.signum or signal.SIGTERM) from stopped
+        raise saved_stop(trainer, signal.SIGTERM) from stopped
 
 
 class StepSeed(pl.Callback):

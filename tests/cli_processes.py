@@ -32,11 +32,6 @@ STARTED: list[CommandProcess] = []
 """The commands :func:`start` started, for :func:`stop_left_running`."""
 
 
-def command_environment() -> dict[str, str]:
-    """The tests' environment without a tracking URI: each command names its own store."""
-    return {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
-
-
 class CommandProcess:
     """A started command, read as a :class:`subprocess.Popen` is (``pid``, ``poll``, ``wait``, signals),
     its standard output and error in files."""
@@ -98,19 +93,18 @@ def start(
     root: Path,
     function: Callable[..., Any],
     *args: Any,
-    env: dict[str, str] | None = None,
     stdout: Path | None = None,
     stderr: Path | None = None,
 ) -> CommandProcess:
-    """``function(*args)`` in a process of its own working in ``root`` with ``env`` (the tests' own, less the
-    tracking URI, by default); its output appended to ``stdout`` and ``stderr`` (one file may take both; new
-    files in ``root`` by default)."""
+    """``function(*args)`` in a process of its own working in ``root`` with the tests' environment less the
+    tracking URI (each command names its own store); its output appended to ``stdout`` and ``stderr`` (one
+    file may take both; new files in ``root`` by default)."""
     stamp = time.monotonic_ns()
     stdout = stdout or root / f"stdout-{stamp}.log"
     stderr = stderr or root / f"stderr-{stamp}.log"
     for path in (stdout, stderr):
         path.touch()
-    environment = command_environment() if env is None else env
+    environment = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
     process = SERVER.Process(target=_run, args=(function, args, root, environment, stdout, stderr))
     process.start()
     STARTED.append(CommandProcess(process, stdout, stderr))
